@@ -1,0 +1,79 @@
+"""CPU shims for Megatron-Core: enable explicitly with `enable_cpu_mode()`, never on GPU.
+
+Megatron-Core assumes CUDA in a few places that have nothing to do with the maths:
+its model-parallel RNG tracker forks CUDA generator states, and some buffers are
+allocated on `torch.cuda.current_device()`. On a CPU-only machine (CI, laptops) these
+shims route both to the CPU so Megatron's own layers, DDP, optimizer and checkpointing
+run unchanged over gloo.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from megatron.core.tensor_parallel import random as mcore_random
+
+_ENABLED = False
+
+
+class CpuRNGStatesTracker(mcore_random.CudaRNGStatesTracker):
+    """Megatron's named RNG-state tracker, backed by the CPU generator."""
+
+    def add(self, name, seed):
+        if seed in self.seeds_:
+            raise Exception(f"seed {seed} already exists")
+        self.seeds_.add(seed)
+        if name in self.states_:
+            raise Exception(f"rng state {name} already exists")
+        original = torch.get_rng_state()
+        torch.manual_seed(seed)
+        self.states_[name] = torch.get_rng_state()
+        torch.set_rng_state(original)
+
+    @contextlib.contextmanager
+    def fork(self, name=mcore_random._MODEL_PARALLEL_RNG_TRACKER_NAME):
+        if name not in self.states_:
+            raise Exception(f"rng state {name} is not added")
+        original = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(original)
+
+
+def enable_cpu_mode() -> None:
+    """Install the CPU shims. Refuses to run where CUDA is in use."""
+    global _ENABLED
+    if _ENABLED:
+        return
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        raise RuntimeError("enable_cpu_mode() is for CPU-only runs; CUDA is already in use")
+    mcore_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
+    mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    # Megatron allocates some buffers on torch.cuda.current_device(); "cpu" is a valid
+    # device argument everywhere it is used.
+    torch.cuda.current_device = lambda: "cpu"
+    _ENABLED = True
+
+
+def cpu_mode_enabled() -> bool:
+    return _ENABLED
+
+
+def model_parallel_manual_seed(seed: int) -> None:
+    """CPU stand-in for `model_parallel_cuda_manual_seed` (same seeds, same names)."""
+    from megatron.core import parallel_state as ps
+
+    tracker = mcore_random.get_cuda_rng_tracker()
+    tracker.reset()
+    torch.manual_seed(seed)
+    tracker.add(mcore_random._DATA_PARALLEL_RNG_TRACKER_NAME, seed)
+    tracker.add(mcore_random._MODEL_PARALLEL_RNG_TRACKER_NAME,
+                seed + 2718 + ps.get_tensor_model_parallel_rank())
+    tracker.add(mcore_random._EXPERT_PARALLEL_RNG_TRACKER_NAME,
+                seed + 1024 + 100 * ps.get_expert_model_parallel_rank()
+                + ps.get_expert_tensor_parallel_rank())

@@ -1,0 +1,8 @@
+"""Data pipeline of megatron-anchor: preprocessing to Megatron indexed datasets, per-document
+domain tags, the embedded sample corpus, tokenizer training and document-aware window packing.
+
+Submodules are imported lazily: importing Megatron-Core takes seconds, and `--help` of the
+command-line tools should not pay for it.
+"""
+
+from megatron_anchor.data.indexed import DatasetError  # noqa: F401  (light: no Megatron import)

@@ -1,0 +1,236 @@
+"""Build the embedded default corpus: a multi-domain JSONL from text every Linux machine with
+Python already has, read at run time (no third-party text is committed to this repository).
+
+Domains (each record is ``{"text": ..., "meta": {"source": DOMAIN, "path": ...}}``, so
+`--domain-key meta.source` tags it):
+
+* ``code``: the Python standard library's sources (found with `sysconfig`);
+* ``docs``: Python's own reference documentation (`pydoc_data.topics`, one document per
+  topic) plus README/NEWS/changelog files under /usr/share/doc when present;
+* ``legal``: licence texts in /usr/share/common-licenses and /usr/share/doc/*/copyright;
+* ``man``: English manual pages (roff source, comments and font escapes stripped) when present.
+
+Missing sources are skipped (slim CI images have no man pages); the build fails only if fewer
+than three domains remain. Document lengths are long-tailed like real corpora: a few huge
+modules and licences, many short files. Output is deterministic for a machine and `--seed`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import gzip
+import hashlib
+import io
+import json
+import os
+import random
+import re
+import statistics
+import sys
+import sysconfig
+from typing import Callable, Dict, Iterator, List, Tuple
+
+from megatron_anchor.data.indexed import DatasetError
+
+MIN_DOMAINS = 3
+MIN_DOCUMENT_BYTES = 32
+
+Document = Tuple[str, str]  # (path or label, text)
+
+
+# ----------------------------------------------------------------------------------------
+# Sources: each returns candidate (label, loader) pairs in sorted order; loading is lazy so
+# the byte budget decides how many files are actually read.
+# ----------------------------------------------------------------------------------------
+
+def _files(patterns: List[str]) -> List[str]:
+    found = {os.path.realpath(p) for pattern in patterns for p in glob.glob(pattern, recursive=True)}
+    return sorted(p for p in found if os.path.isfile(p))
+
+
+def _read_text(path: str) -> str | None:
+    """UTF-8 text of a file (gunzipped if .gz); None for binary or undecodable files."""
+    try:
+        with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as f:
+            raw = f.read()
+        if b"\x00" in raw:
+            return None
+        return raw.decode("utf-8")
+    except (OSError, UnicodeDecodeError, EOFError):
+        return None
+
+
+def code_candidates() -> List[Tuple[str, Callable]]:
+    stdlib = sysconfig.get_paths()["stdlib"]
+    paths = [p for p in _files([os.path.join(stdlib, "**", "*.py")])
+             if "site-packages" not in p and "dist-packages" not in p]
+    return [(p, lambda p=p: _read_text(p)) for p in paths]
+
+
+def docs_candidates() -> List[Tuple[str, Callable]]:
+    candidates = []
+    try:
+        from pydoc_data.topics import topics
+        candidates += [(f"pydoc_data.topics:{name}", lambda name=name: topics[name])
+                       for name in sorted(topics)]
+    except ImportError:  # some distributions strip pydoc_data
+        pass
+    patterns = [f"/usr/share/doc/*/{name}" for name in
+                ("README*", "NEWS*", "changelog*", "CHANGES*", "*.txt", "*.md")]
+    candidates += [(p, lambda p=p: _read_text(p)) for p in _files(patterns)]
+    return candidates
+
+
+def legal_candidates() -> List[Tuple[str, Callable]]:
+    paths = _files(["/usr/share/common-licenses/*", "/usr/share/doc/*/copyright"])
+    return [(p, lambda p=p: _read_text(p)) for p in paths]
+
+
+_ROFF_FONT = re.compile(r"\\f[BIRP]|\\f\(..|\\&|\\e")
+
+
+def _man_text(path: str) -> str | None:
+    text = _read_text(path)
+    if text is None:
+        return None
+    lines = [line for line in text.splitlines() if not line.startswith(('.\\"', "'\\\""))]
+    return _ROFF_FONT.sub("", "\n".join(lines)).replace("\\-", "-")
+
+
+def man_candidates() -> List[Tuple[str, Callable]]:
+    paths = _files(["/usr/share/man/man[1-8]/*"])
+    return [(p, lambda p=p: _man_text(p)) for p in paths]
+
+
+SOURCES: Dict[str, Callable[[], List[Tuple[str, Callable]]]] = {
+    "code": code_candidates,
+    "docs": docs_candidates,
+    "legal": legal_candidates,
+    "man": man_candidates,
+}
+
+
+# ----------------------------------------------------------------------------------------
+# Selection
+# ----------------------------------------------------------------------------------------
+
+def select_documents(domain: str, candidates, seed: int, max_documents: int, max_bytes: int,
+                     max_document_bytes: int, seen_hashes: set) -> List[dict]:
+    """Candidates in a seeded random order, read until the domain's budget is used."""
+    order = list(candidates)
+    random.Random(f"{seed}:{domain}").shuffle(order)
+    records, used = [], 0
+    for label, load in order:
+        if len(records) >= max_documents or used >= max_bytes:
+            break
+        text = load()
+        if text is None or len(text.strip()) < MIN_DOCUMENT_BYTES:
+            continue
+        text = _truncate(text, max_document_bytes)
+        digest = hashlib.sha1(text.encode("utf-8")).digest()
+        if digest in seen_hashes:  # e.g. identical copyright files of sibling packages
+            continue
+        seen_hashes.add(digest)
+        records.append({"text": text, "meta": {"source": domain, "path": label}})
+        used += len(text.encode("utf-8"))
+    return records
+
+
+def _truncate(text: str, max_bytes: int) -> str:
+    """Cut at the last line break before `max_bytes` (UTF-8 bytes)."""
+    raw = text.encode("utf-8")
+    if len(raw) <= max_bytes:
+        return text
+    cut = raw[:max_bytes].decode("utf-8", errors="ignore")
+    return cut[:cut.rfind("\n") + 1] or cut
+
+
+def build_corpus(seed: int, max_documents: int, max_bytes: int, max_document_bytes: int,
+                 domains: List[str]) -> List[dict]:
+    seen: set = set()
+    per_domain = {}
+    for domain in domains:
+        records = select_documents(domain, SOURCES[domain](), seed, max_documents, max_bytes,
+                                   max_document_bytes, seen)
+        if records:
+            per_domain[domain] = records
+    if len(per_domain) < MIN_DOMAINS:
+        raise DatasetError(
+            f"only {len(per_domain)} domain(s) found on this machine ({', '.join(per_domain) or 'none'}); "
+            f"the sample corpus needs at least {MIN_DOMAINS} of: {', '.join(domains)}"
+        )
+    records = [r for domain in per_domain for r in per_domain[domain]]
+    random.Random(seed).shuffle(records)  # interleave the domains, reproducibly
+    return records
+
+
+def write_jsonl(records: List[dict], path: str) -> None:
+    """Write atomically; `.gz` output has a zero mtime so its bytes are reproducible too."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as raw:
+            sink = gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) if path.endswith(".gz") else raw
+            with io.TextIOWrapper(sink, encoding="utf-8", newline="\n") as f:
+                for record in records:
+                    f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def corpus_summary(records: List[dict]) -> dict:
+    summary = {}
+    for domain in sorted({r["meta"]["source"] for r in records}):
+        sizes = [len(r["text"].encode("utf-8")) for r in records if r["meta"]["source"] == domain]
+        summary[domain] = {"documents": len(sizes), "bytes": sum(sizes),
+                           "median_bytes": int(statistics.median(sizes)), "max_bytes": max(sizes)}
+    return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="build_sample_corpus.py",
+        description="Build a multi-domain JSONL corpus from text already on this machine "
+                    "(Python stdlib sources, Python docs, licences, man pages). Records are "
+                    '{"text": ..., "meta": {"source": DOMAIN, "path": ...}}; preprocess with '
+                    "--domain-key meta.source.",
+    )
+    parser.add_argument("--output", required=True, help="output JSONL (.gz for gzip)")
+    parser.add_argument("--max-documents", type=int, default=5000,
+                        help="at most this many documents per domain")
+    parser.add_argument("--max-bytes", type=int, default=4 << 20,
+                        help="stop adding documents to a domain after this many bytes of text")
+    parser.add_argument("--max-document-bytes", type=int, default=1 << 20,
+                        help="cut longer documents at a line break below this size")
+    parser.add_argument("--domains", nargs="+", default=list(SOURCES), choices=list(SOURCES),
+                        help="sources to use (each is one domain)")
+    parser.add_argument("--seed", type=int, default=1234, help="selection and order seed")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    return parser
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
+    try:
+        records = build_corpus(args.seed, args.max_documents, args.max_bytes,
+                               args.max_document_bytes, args.domains)
+    except DatasetError as err:
+        raise SystemExit(f"build_sample_corpus: error: {err}") from None
+    write_jsonl(records, args.output)
+    summary = corpus_summary(records)
+    if args.json:
+        print(json.dumps({"output": args.output, "domains": summary}, indent=2))
+    else:
+        print(f"wrote {len(records):,} documents to {args.output}")
+        for domain, s in summary.items():
+            print(f"  {domain:6s} {s['documents']:6,} docs {s['bytes'] / 2**20:7.2f} MiB  "
+                  f"median {s['median_bytes']:,} B  max {s['max_bytes']:,} B")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

