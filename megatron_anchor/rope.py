@@ -17,15 +17,20 @@ def rope_inv_freq(head_dim: int, rotary_base: float, device=None) -> torch.Tenso
     if head_dim % 2:
         raise ValueError(f"RoPE needs an even head dimension, got {head_dim}")
     exponents = torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim
-    return (1.0 / (float(rotary_base) ** exponents)).to(torch.float32)
+    return 1.0 / (float(rotary_base) ** exponents)
 
 
 def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, rotary_base: float):
-    """FP32 cos/sin of shape [T, head_dim] for positions [T] (non-interleaved halves)."""
+    """FP32 cos/sin of shape [T, head_dim] for positions [T] (non-interleaved halves).
+
+    Angles are formed in FP64: at position 1e5 an FP32 product is off by ~1e-2 rad, which
+    would itself break the relative-position property at long context. The tables are
+    built once per forward ([T, head_dim/2] elements), so the cost is negligible.
+    """
     inv_freq = rope_inv_freq(head_dim, rotary_base, device=position_ids.device)
-    angles = position_ids.to(torch.float32)[:, None] * inv_freq[None, :]
+    angles = position_ids.to(torch.float64)[:, None] * inv_freq[None, :]
     angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos(), angles.sin()
+    return angles.cos().float(), angles.sin().float()
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
