@@ -10,6 +10,7 @@ run unchanged over gloo.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -57,7 +58,58 @@ def enable_cpu_mode() -> None:
     # Megatron allocates some buffers on torch.cuda.current_device(); "cpu" is a valid
     # device argument everywhere it is used.
     torch.cuda.current_device = lambda: "cpu"
+    _patch_optimizer_for_cpu()
     _ENABLED = True
+
+
+class _CudaDeviceToCpu(torch.overrides.TorchFunctionMode):
+    """Rewrites ``device='cuda'`` of tensor factories to the CPU (only where we enter it)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        device = kwargs.get("device")
+        if device is not None and torch.device(device).type == "cuda":
+            kwargs["device"] = "cpu"
+        return func(*args, **kwargs)
+
+
+def _on_cpu(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with _CudaDeviceToCpu():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _clip_grad_by_total_norm_fp32_cpu(parameters, max_norm, total_norm,
+                                      use_decoupled_grad=False):
+    """Megatron's `clip_grad_by_total_norm_fp32` without its CUDA type assertion."""
+    from megatron.core.optimizer.clip_grads import to_local_if_dtensor
+
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    name = "decoupled_grad" if use_decoupled_grad else "grad"
+    grads = [to_local_if_dtensor(getattr(p, name)).detach()
+             for p in parameters if getattr(p, name, None) is not None]
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff < 1.0:
+        torch._foreach_mul_(grads, clip_coeff)
+
+
+def _patch_optimizer_for_cpu() -> None:
+    """Megatron-Core's optimizer allocates a few scalars with a hard-coded ``device='cuda'``
+    (loss scale, grad-norm buffers) and asserts ``torch.cuda.FloatTensor`` grads before
+    clipping. Route those to the CPU; the optimizer maths (torch.optim.AdamW when neither
+    TE nor apex is installed) is unchanged."""
+    from megatron.core.optimizer import clip_grads, optimizer
+
+    for cls in (optimizer.FP32Optimizer, optimizer.MixedPrecisionOptimizer):
+        cls.__init__ = _on_cpu(cls.__init__)
+    for module in (clip_grads, optimizer):
+        module.get_grad_norm_fp32 = _on_cpu(clip_grads.get_grad_norm_fp32)
+        module.count_zeros_fp32 = _on_cpu(clip_grads.count_zeros_fp32)
+        module.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32_cpu
 
 
 def cpu_mode_enabled() -> bool:

@@ -163,15 +163,26 @@ def pack_documents(
     cp_size: int = 1,
     pad_token_id: int = 0,
     domain_ids: Optional[Sequence[int]] = None,
+    interleave_chunks: int = 0,
 ) -> PackedBatch:
     """Pack `documents` (token-id lists), in order, into one window of `seq_length` slots.
 
     The last document that does not fit is cut; `PackedBatch.consumed` lists, for each
     document touched, ``(document_index, tokens_placed)`` so a caller can pass the rest of
     a cut document first in the next call. Slots left when documents run out are padding.
+
+    `interleave_chunks` (2 or 3; the paper's ablation, found to hurt) splits each document
+    into that many chunks and interleaves the chunks of the window's documents (chunk 0 of
+    every document, then chunk 1, ...), keeping each document's chunk order. See
+    `_interleave_positions` for why this needs no new attention mask.
     """
     _check_arguments(documents, seq_length, variant, anchor_token_id, domain_tags, domain_ids,
                      cp_size)
+    if interleave_chunks and (interleave_chunks not in (2, 3)
+                              or variant not in ("intra-doc", "anchor")):
+        raise ValueError(
+            f"interleave_chunks={interleave_chunks}: use 2 or 3, with variant intra-doc or "
+            f"anchor (got {variant!r}); chunks of one document must stay mutually visible")
     multiple = 2 * cp_size if cp_size > 1 else 1
     use_anchor = variant == "anchor"
     S = seq_length
@@ -236,6 +247,8 @@ def pack_documents(
         boundaries.append(S)
 
     _label_prefix_and_boundaries(tokens, labels, loss_mask, kinds, variant)
+    if interleave_chunks:
+        _interleave_positions(position_ids, kinds, boundaries, interleave_chunks)
     cu_seqlens = torch.tensor(boundaries, dtype=torch.int32)
     return PackedBatch(
         tokens=torch.from_numpy(tokens),
@@ -275,6 +288,28 @@ def _label_prefix_and_boundaries(tokens, labels, loss_mask, kinds, variant):
         untrained_doc_end = (kinds == KIND_DOC) & (loss_mask == 0) & (nxt_kind == KIND_DOC)
         labels[untrained_doc_end] = nxt_token[untrained_doc_end]
         loss_mask[untrained_doc_end] = 1.0
+
+
+def _interleave_positions(position_ids, kinds, boundaries, num_chunks):
+    """Give each document's chunks the window offsets they would have if interleaved.
+
+    Attention within a document depends only on the causal order of its tokens and their
+    positions, so an interleaved window equals one where each document stays a contiguous
+    THD segment (its chunks in order, mutually visible) and only the position ids follow
+    the interleaved order. Labels and masks are unchanged: targets stay within documents.
+    """
+    chunks = []  # per segment: list of slot arrays, in chunk order
+    for start, end in zip(boundaries[:-1], boundaries[1:]):
+        body = np.nonzero((kinds[start:end] == KIND_DOC) | (kinds[start:end] == KIND_TAG))[0]
+        body = body + start
+        pieces = min(num_chunks, len(body))
+        cuts = [len(body) * k // pieces for k in range(pieces + 1)] if pieces else [0]
+        chunks.append([body[cuts[k]:cuts[k + 1]] for k in range(len(cuts) - 1)])
+    order = [seg[k] for k in range(num_chunks) for seg in chunks if k < len(seg)]
+    if not order:
+        return
+    slots = np.concatenate(order)
+    position_ids[slots] = np.sort(position_ids[slots])
 
 
 # ----------------------------------------------------------------------------------------

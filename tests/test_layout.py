@@ -189,3 +189,31 @@ def test_bad_arguments_say_what_to_change(kwargs, message):
     args.update(kwargs)
     with pytest.raises(ValueError, match=message):
         pack_documents(**args)
+
+
+@pytest.mark.parametrize("chunks", [2, 3])
+@pytest.mark.parametrize("variant", ["intra-doc", "anchor"])
+def test_interleaved_chunks_permute_positions_keeping_chunk_order(variant, chunks):
+    docs = [list(range(100, 109)), list(range(200, 206)), list(range(300, 330))]
+    plain = pack_documents(docs, 40, variant, anchor_token_id=A)
+    mixed = pack_documents(docs, 40, variant, anchor_token_id=A, interleave_chunks=chunks)
+    # same tokens, segments and targets: only the positions follow the interleaving
+    for name in ("tokens", "labels", "loss_mask", "cu_seqlens"):
+        assert torch.equal(getattr(plain, name), getattr(mixed, name))
+    body = (mixed.token_kinds == KIND_DOC)
+    assert sorted(mixed.position_ids[body].tolist()) == sorted(plain.position_ids[body].tolist())
+    for d in range(3):
+        pos = mixed.position_ids[body & (mixed.document_ids == d)]
+        assert bool((pos[1:] > pos[:-1]).all()), "a document's chunks keep their order"
+    # chunk 0 of document 1 comes before chunk 1 of document 0
+    p0 = mixed.position_ids[body & (mixed.document_ids == 0)]
+    p1 = mixed.position_ids[body & (mixed.document_ids == 1)]
+    assert p1[0] < p0[-1]
+    assert (mixed.position_ids[mixed.token_kinds == KIND_ANCHOR] == 0).all()
+
+
+def test_interleaving_is_refused_where_it_has_no_meaning():
+    with pytest.raises(ValueError, match="interleave_chunks"):
+        pack_documents([[1, 2, 3]], 8, "full", interleave_chunks=2)
+    with pytest.raises(ValueError, match="interleave_chunks"):
+        pack_documents([[1, 2, 3]], 8, "intra-doc", interleave_chunks=5)

@@ -33,6 +33,8 @@ class _Bucket:
     k_index: torch.Tensor   # [n, Lk] rows of the full K/V (clamped inside each segment)
     q_valid: torch.Tensor   # [n, Lq] bool, real query rows
     mask: Optional[torch.Tensor]  # [n, 1, Lq, Lk] bool, or None for plain causal
+    # A segment alone in its bucket needs no gather: ((q0, q1), (k0, k1), mask or None)
+    single: Optional[tuple] = None
 
 
 def plan_buckets(lengths: list[int], slack: float = PADDED_COST_SLACK) -> list[list[int]]:
@@ -83,7 +85,12 @@ def _build_buckets(cu_seqlens: torch.Tensor, cp_size: int, cp_rank: int) -> list
             q_pos = torch.stack([_local_positions(seg_lengths[i], cp_size, cp_rank, lq)
                                  for i in members])
             mask = (torch.arange(lk)[None, None, :] <= q_pos[:, :, None])[:, None]
-        buckets.append(_Bucket(q_index, k_index, q_valid, mask))
+        single = None
+        if len(members) == 1:
+            i = members[0]
+            single = ((local_starts[i], local_starts[i] + local_lengths[i]),
+                      (bounds[i], bounds[i + 1]), None if mask is None else mask[0, 0])
+        buckets.append(_Bucket(q_index, k_index, q_valid, mask, single))
     return buckets
 
 
@@ -132,22 +139,31 @@ def packed_causal_attention(
             is_causal=True, scale=softmax_scale, enable_gqa=gqa)
         return out[0].transpose(0, 1)
 
-    rows, destinations = [], []
+    out = q.new_empty(q.shape)
     for bucket in _build_buckets(cu_cpu, cp_size, cp_rank):
+        if bucket.single is not None:
+            _attend_slices(q, k, v, out, bucket.single, softmax_scale, gqa)
+            continue
         device = q.device
         qi, ki = bucket.q_index.to(device), bucket.k_index.to(device)
-        qb = q[qi].transpose(1, 2)  # [n, H, Lq, D]
-        kb = k[ki].transpose(1, 2)
-        vb = v[ki].transpose(1, 2)
         mask = bucket.mask.to(device) if bucket.mask is not None else None
         ob = F.scaled_dot_product_attention(
-            qb, kb, vb, attn_mask=mask, is_causal=mask is None, scale=softmax_scale,
-            enable_gqa=gqa)
+            q[qi].transpose(1, 2), k[ki].transpose(1, 2), v[ki].transpose(1, 2),
+            attn_mask=mask, is_causal=mask is None, scale=softmax_scale, enable_gqa=gqa)
         valid = bucket.q_valid.to(device)
-        rows.append(ob.transpose(1, 2)[valid])
-        destinations.append(qi[valid])
-    order = torch.argsort(torch.cat(destinations))
-    return torch.cat(rows).index_select(0, order)
+        out.index_copy_(0, qi[valid], ob.transpose(1, 2)[valid])
+    return out
+
+
+def _attend_slices(q, k, v, out, single, softmax_scale, gqa):
+    """A segment alone in its bucket: zero-copy views in, one slice written out."""
+    (q_start, q_end), (k_start, k_end), mask = single
+    view = lambda x, a, b: x[a:b].transpose(0, 1)[None]
+    o = F.scaled_dot_product_attention(
+        view(q, q_start, q_end), view(k, k_start, k_end), view(v, k_start, k_end),
+        attn_mask=None if mask is None else mask.to(q.device), is_causal=mask is None,
+        scale=softmax_scale, enable_gqa=gqa)
+    out[q_start:q_end] = o[0].transpose(0, 1)
 
 
 class _GatherCP(torch.autograd.Function):

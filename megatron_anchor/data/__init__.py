@@ -5,4 +5,6 @@ Submodules are imported lazily: importing Megatron-Core takes seconds, and `--he
 command-line tools should not pay for it.
 """
 
-from megatron_anchor.data.indexed import DatasetError  # noqa: F401  (light: no Megatron import)
+from megatron_anchor.data.indexed import DatasetError  # light: no Megatron import
+
+__all__ = ["DatasetError"]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import itertools
 import gzip
 import json
 import multiprocessing
@@ -206,9 +207,14 @@ class Encoder:
     def __init__(self, args):
         self.args = args
 
-    def initialize(self) -> None:
+    def initialize(self, in_pool: bool = False) -> None:
+        if in_pool:
+            # One Rust thread per worker process: the pool already spreads work over the
+            # cores, and nested thread pools would oversubscribe them.
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"
         Encoder.tokenizer = build_tokenizer(self.args)
         Encoder.dtype = token_dtype(Encoder.tokenizer.vocab_size)
+        Encoder.splitter = None
         if self.args.split_sentences:
             from megatron_anchor.data.sentences import build_sentence_splitter
 
@@ -309,10 +315,11 @@ class Encoder:
         return self._result(ref, arrays, domain, n_bytes)
 
     def _document(self, piece_ids: List[List[int]]) -> np.ndarray:
-        tokens = [t for ids in piece_ids for t in ids]
-        if tokens and self.args.append_eod:
-            tokens.append(self.tokenizer.eod)
-        return np.asarray(tokens, dtype=self.dtype)
+        count = sum(len(ids) for ids in piece_ids)
+        eod = [self.tokenizer.eod] if count and self.args.append_eod else []
+        # np.fromiter over a chain converts in C, without a flattened Python list.
+        return np.fromiter(itertools.chain(*piece_ids, eod), dtype=self.dtype,
+                           count=count + len(eod))
 
     def _result(self, ref, arrays, domain, n_bytes) -> tuple:
         if any(a.size == 0 for a in arrays):
@@ -388,7 +395,7 @@ def _encoded_batches(encoder: Encoder, batches, workers: int):
         yield from map(encoder.encode_batch, batches)
         return
     context = multiprocessing.get_context("fork")
-    with context.Pool(workers, initializer=encoder.initialize) as pool:
+    with context.Pool(workers, initializer=encoder.initialize, initargs=(True,)) as pool:
         # imap keeps input order, which is what makes the output independent of --workers.
         yield from pool.imap(encoder.encode_batch, batches, chunksize=1)
 

@@ -27,16 +27,14 @@ import os
 import random
 import re
 import statistics
-import sys
 import sysconfig
-from typing import Callable, Dict, Iterator, List, Tuple
+from typing import Callable, Dict, List, Tuple
 
 from megatron_anchor.data.indexed import DatasetError
 
 MIN_DOMAINS = 3
 MIN_DOCUMENT_BYTES = 32
 
-Document = Tuple[str, str]  # (path or label, text)
 
 
 # ----------------------------------------------------------------------------------------
@@ -45,8 +43,8 @@ Document = Tuple[str, str]  # (path or label, text)
 # ----------------------------------------------------------------------------------------
 
 def _files(patterns: List[str]) -> List[str]:
-    found = {os.path.realpath(p) for pattern in patterns for p in glob.glob(pattern, recursive=True)}
-    return sorted(p for p in found if os.path.isfile(p))
+    """Regular files matching the patterns, sorted (duplicates by content are dropped later)."""
+    return sorted({p for pattern in patterns for p in glob.glob(pattern) if os.path.isfile(p)})
 
 
 def _read_text(path: str) -> str | None:
@@ -63,9 +61,13 @@ def _read_text(path: str) -> str | None:
 
 def code_candidates() -> List[Tuple[str, Callable]]:
     stdlib = sysconfig.get_paths()["stdlib"]
-    paths = [p for p in _files([os.path.join(stdlib, "**", "*.py")])
-             if "site-packages" not in p and "dist-packages" not in p]
-    return [(p, lambda p=p: _read_text(p)) for p in paths]
+    paths = []
+    for directory, subdirs, names in os.walk(stdlib):
+        # Third-party packages are not the standard library; caches are not source.
+        subdirs[:] = sorted(d for d in subdirs
+                            if d not in ("site-packages", "dist-packages", "__pycache__"))
+        paths.extend(os.path.join(directory, n) for n in sorted(names) if n.endswith(".py"))
+    return [(p, lambda p=p: _read_text(p)) for p in sorted(paths)]
 
 
 def docs_candidates() -> List[Tuple[str, Callable]]:

@@ -25,6 +25,7 @@ are token shares); each source's epoch still holds each of its documents exactly
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import math
@@ -64,10 +65,9 @@ class WindowConfig:
     short_doc_threshold: int = 4096
     # Domain tags: token ids placed after the anchor of each document, per domain name.
     domain_tag_ids: Optional[Dict[str, List[int]]] = None
-    # Interleaved-chunk ablation: split documents into this many chunks (2 or 3) and
-    # interleave the chunks of `interleave_group` consecutive documents.
+    # Interleaved-chunk ablation: split each window's documents into this many chunks (2 or
+    # 3) and interleave them (layout.pack_documents(interleave_chunks=...)).
     interleave_chunks: Optional[int] = None
-    interleave_group: int = 2
     drop_last: bool = False  # drop a final window that is not full
     index_cache_dir: Optional[str] = None
     # Domain of documents in prefixes without a tag store (default: the prefix's file name).
@@ -125,26 +125,6 @@ def upsample_keep_mask(lengths: np.ndarray, domain_ids: np.ndarray, fraction: fl
         dropped = rng.permutation(short)[n_keep:]
         keep[dropped] = False
     return keep
-
-
-def interleave_plan(lengths: Sequence[int], num_chunks: int) -> List[Tuple[int, int, int]]:
-    """Chunks of a group of documents, interleaved round-robin, each document's chunks in order.
-
-    Returns ``(document position in the group, start, stop)`` triples: document d is cut into
-    `num_chunks` near-equal chunks (fewer if it is shorter), and the order is chunk 0 of every
-    document, then chunk 1 of every document, and so on.
-    """
-    if num_chunks < 1:
-        raise DatasetError(f"num_chunks must be >= 1, got {num_chunks}")
-    chunks = []
-    for d, n in enumerate(lengths):
-        pieces = min(num_chunks, int(n))
-        cuts = [n * k // pieces for k in range(pieces + 1)]
-        chunks.append([(d, cuts[k], cuts[k + 1]) for k in range(pieces)])
-    plan = []
-    for k in range(num_chunks):
-        plan.extend(doc_chunks[k] for doc_chunks in chunks if k < len(doc_chunks))
-    return plan
 
 
 class WeightedInterleaver:
@@ -221,7 +201,7 @@ class _Stream:
     def window_from(self, pos: int, offset: int, seq_length: int):
         """Pieces from `pos` holding at least `seq_length` tokens (or all that are left):
         enough to fill a window whatever the per-document overhead of the variant."""
-        end = int(np.searchsorted(self.cumulative, self.cumulative[pos] + offset + seq_length))
+        end = bisect.bisect_left(self.cumulative, self.cumulative[pos] + offset + seq_length)
         return self.pieces[pos:max(end, pos + 1)]
 
     def zeros(self, n: int) -> np.ndarray:
@@ -326,15 +306,10 @@ class WindowDataset(torch.utils.data.Dataset):
 
     def _pieces(self, pairs: List[Tuple[int, int]]) -> List[Tuple[int, int, int, int]]:
         """(source, document, start, stop) entries; chunks when interleaving is on."""
-        cfg, lengths = self.config, self._lengths
-        if cfg.interleave_chunks is None:
-            return [(s, d, 0, int(lengths[s][d])) for s, d in pairs]
-        pieces = []
-        for g in range(0, len(pairs), cfg.interleave_group):
-            group = pairs[g:g + cfg.interleave_group]
-            plan = interleave_plan([int(lengths[s][d]) for s, d in group], cfg.interleave_chunks)
-            pieces.extend((group[k][0], group[k][1], a, b) for k, a, b in plan)
-        return pieces
+        # Interleaved chunks are laid out inside each window by pack_documents (which only
+        # permutes position ids), so the stream always holds whole documents.
+        lengths = self._lengths
+        return [(s, d, 0, int(lengths[s][d])) for s, d in pairs]
 
     # -- the sample index -------------------------------------------------------------------
 
@@ -375,7 +350,7 @@ class WindowDataset(torch.utils.data.Dataset):
         (checked again on every real read in `__getitem__`)."""
         wanted = self._num_windows_wanted()
         stream = _Stream(self)
-        pos, offset, starts = 0, 0, [(0, 0)]
+        pos, offset, starts, ran_dry = 0, 0, [(0, 0)], False
         while wanted is None or len(starts) - 1 < wanted:
             if wanted is not None:  # keep at least a window of tokens ahead (next epochs)
                 stream.ensure_tokens_after(pos, offset, self.config.seq_length)
@@ -411,7 +386,7 @@ class WindowDataset(torch.utils.data.Dataset):
         tags = None if self._tag_ids is None else [self._tag_ids[i] for i in domain_ids]
         return self._pack(docs, cfg.seq_length, cfg.variant, anchor_token_id=cfg.anchor_token_id,
                           domain_tags=tags, cp_size=cfg.cp_size, pad_token_id=cfg.pad_token_id,
-                          domain_ids=domain_ids)
+                          domain_ids=domain_ids, interleave_chunks=cfg.interleave_chunks or 0)
 
     # -- reading windows ----------------------------------------------------------------------
 
@@ -435,11 +410,6 @@ class WindowDataset(torch.utils.data.Dataset):
             yield s, d, first, placed_stop, stop
 
     def __getitem__(self, index: int):
-        if self.config.interleave_chunks is not None:
-            raise DatasetError(
-                "interleaved chunks need layout support that pack_documents does not have yet "
-                "(chunks of one document must stay mutually visible); the chunk order is "
-                "available from window_pieces() and interleave_plan()")
         if not 0 <= index < len(self):
             raise IndexError(f"window {index} out of range 0..{len(self) - 1}")
         placed = list(self._placed(index))

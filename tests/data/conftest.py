@@ -1,0 +1,6 @@
+"""Make `data_helpers` importable whatever pytest's import mode."""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

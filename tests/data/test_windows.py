@@ -1,0 +1,197 @@
+"""WindowDataset: deterministic, resumable packing that never drops or duplicates documents
+within an epoch; blends, splits, UpSampledMix, CP padding, tags, interleaving plan."""
+
+import numpy as np
+import pytest
+import torch
+
+from data_helpers import build_null_dataset, doc_tokens, lengths_rng
+from megatron_anchor.data.indexed import DatasetError
+from megatron_anchor.data.windows import (
+    WindowConfig,
+    WindowDataset,
+    split_range,
+    upsample_keep_mask,
+)
+from megatron_anchor.layout import KIND_DOC, collate
+
+ANCHOR = 59999
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """60 documents of 1..299 tokens in three domains, plus a second source."""
+    tmp = tmp_path_factory.mktemp("windows")
+    lengths = lengths_rng(0, 60)
+    domains = [("web", "code", "books")[d % 3] for d in range(60)]
+    prefix = build_null_dataset(tmp, "main", lengths, domains)
+    other = build_null_dataset(tmp, "other", lengths_rng(1, 40, 1, 100), ["web"] * 40)
+    return {"prefix": prefix, "other": other, "lengths": lengths, "domains": domains, "tmp": tmp}
+
+
+def _config(**overrides):
+    base = dict(seq_length=256, variant="anchor", anchor_token_id=ANCHOR, split="100,0,0")
+    base.update(overrides)
+    return WindowConfig(**base)
+
+
+def _document_tokens_per_window(ds):
+    """{(source, doc): [(first, tokens placed)]} read back from the packed tokens."""
+    placed = {}
+    for i in range(len(ds)):
+        batch = ds[i]
+        pieces = ds.window_pieces(i)
+        kinds, tokens, doc_ids = batch.token_kinds, batch.tokens, batch.document_ids
+        for k, (s, d, first, stop) in enumerate(pieces):
+            mine = (doc_ids == k) & (kinds == KIND_DOC)
+            placed.setdefault((s, d), []).append((first, tokens[mine].tolist()))
+    return placed
+
+
+@pytest.mark.parametrize("variant,cp_size", [("anchor", 1), ("intra-doc", 2), ("full", 1),
+                                             ("anchor", 2)])
+def test_one_epoch_holds_every_document_exactly_once(corpus, variant, cp_size):
+    ds = WindowDataset(corpus["prefix"], _config(variant=variant, cp_size=cp_size))
+    placed = _document_tokens_per_window(ds)
+    assert sorted(d for _, d in placed) == list(range(60))  # none dropped, none repeated
+    for (_, d), parts in placed.items():
+        parts.sort()
+        tokens = [t for _, chunk in parts for t in chunk]
+        assert tokens == doc_tokens(d, corpus["lengths"][d])  # in order, no gap, no overlap
+    total = sum(corpus["lengths"])
+    assert len(ds) < total / 256 + 20  # windows are actually filled
+    if cp_size > 1:
+        for i in range(len(ds)):
+            assert all(int(n) % (2 * cp_size) == 0 for n in ds[i].segment_lengths)
+
+
+def test_packing_is_deterministic_for_a_seed(corpus):
+    a = WindowDataset(corpus["prefix"], _config(seed=3))
+    b = WindowDataset(corpus["prefix"], _config(seed=3))
+    c = WindowDataset(corpus["prefix"], _config(seed=4))
+    assert len(a) == len(b)
+    for i in range(len(a)):
+        assert torch.equal(a[i].tokens, b[i].tokens)
+        assert torch.equal(a[i].loss_mask, b[i].loss_mask)
+    assert not torch.equal(a[0].tokens, c[0].tokens)
+
+
+def test_resume_from_any_sample_index(corpus):
+    sequential = WindowDataset(corpus["prefix"], _config(num_samples=40))
+    expected = [sequential[i].tokens for i in range(len(sequential))]
+    resumed = WindowDataset(corpus["prefix"], _config(num_samples=40))  # fresh, as after restart
+    for i in [37, 5, 22, 0, 39]:  # random access, no earlier window read first
+        assert torch.equal(resumed[i].tokens, expected[i])
+
+
+def test_later_epochs_reshuffle_and_repeat_each_document_once(corpus):
+    one = WindowDataset(corpus["prefix"], _config())
+    ds = WindowDataset(corpus["prefix"], _config(num_samples=3 * len(one)))
+    entries = ds.stream[:, 1].tolist()
+    epoch1, epoch2 = entries[:60], entries[60:120]
+    assert sorted(epoch1) == sorted(epoch2) == list(range(60))
+    assert epoch1 != epoch2  # reshuffled
+
+
+def test_blend_weights_set_token_shares(corpus):
+    ds = WindowDataset(f"1 {corpus['prefix']} 3 {corpus['other']}", _config(num_samples=60))
+    tokens = np.zeros(2)
+    for i in range(len(ds)):
+        for s, _, first, stop in ds.window_pieces(i):
+            tokens[s] += stop - first
+    share = tokens[1] / tokens.sum()
+    assert abs(share - 0.75) < 0.02
+    # The 40 short "other" documents cycle several epochs: no repeat inside one epoch.
+    other = [int(d) for s, d, _, _ in ds.stream if s == 1]
+    for e in range(len(other) // 40):
+        assert sorted(other[40 * e:40 * (e + 1)]) == list(range(40))
+
+
+def test_splits_are_disjoint_and_cover_the_documents(corpus):
+    docs = {}
+    for name in ("train", "valid", "test"):
+        ds = WindowDataset(corpus["prefix"], _config(split="80,15,5", split_name=name))
+        docs[name] = {d for _, d, _, _ in ds.stream.tolist()}
+    assert docs["train"] == set(range(0, 48)) and docs["valid"] == set(range(48, 57))
+    assert docs["test"] == set(range(57, 60))
+    assert split_range("969,30,1", "valid", 1000) == (969, 999)
+
+
+def test_upsampled_mix_keeps_fraction_of_short_documents_per_domain(corpus):
+    lengths = np.asarray(corpus["lengths"])
+    ds = WindowDataset(corpus["prefix"], _config(short_doc_keep_fraction=0.25,
+                                                 short_doc_threshold=100))
+    kept = set(ds.stream[:, 1].tolist())
+    for domain in ("web", "code", "books"):
+        mine = [d for d in range(60) if corpus["domains"][d] == domain]
+        short = [d for d in mine if lengths[d] < 100]
+        long_ = [d for d in mine if lengths[d] >= 100]
+        assert set(long_) <= kept  # long documents all stay
+        assert len(kept & set(short)) == round(0.25 * len(short))
+
+
+def test_upsample_keep_mask_is_exact_and_seeded():
+    lengths = np.array([10, 5000, 20, 30, 40, 9000, 50, 60])
+    domains = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    mask = upsample_keep_mask(lengths, domains, 0.5, 4096, np.random.default_rng(0))
+    assert mask[1] and mask[5]
+    assert mask[[0, 2, 3]].sum() == 2 and mask[[4, 6, 7]].sum() == 2  # round(1.5)=2 each
+    with pytest.raises(DatasetError):
+        upsample_keep_mask(lengths, domains, 1.5, 4096, np.random.default_rng(0))
+
+
+def test_domain_tags_and_domain_ids(corpus):
+    tags = {"web": [7, 7], "code": [8], "books": [9, 9, 9]}
+    ds = WindowDataset(corpus["prefix"], _config(domain_tag_ids=tags))
+    batch = ds[0]
+    first_doc = ds.window_pieces(0)[0][1]
+    name = corpus["domains"][first_doc]
+    n = len(tags[name])
+    assert batch.tokens[0] == ANCHOR and batch.tokens[1:1 + n].tolist() == tags[name]
+    assert ds.domain_names[int(batch.domain_ids[0])] == name
+    with pytest.raises(DatasetError, match="no tag"):
+        WindowDataset(corpus["prefix"], _config(domain_tag_ids={"web": [1]}))
+
+
+def test_torch_dataloader_with_collate(corpus):
+    ds = WindowDataset(corpus["prefix"], _config())
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, collate_fn=collate, num_workers=0)
+    batch = next(iter(loader))
+    assert batch.tokens.shape == (512,) and batch.num_windows == 2
+    assert torch.equal(batch.tokens[256:], ds[1].tokens)
+
+
+def test_index_cache_is_reused(corpus, monkeypatch):
+    cache = corpus["tmp"] / "cache"
+    first = WindowDataset(corpus["prefix"], _config(index_cache_dir=str(cache)))
+    monkeypatch.setattr(WindowDataset, "_build_index",
+                        lambda self: pytest.fail("index rebuilt despite the cache"))
+    second = WindowDataset(corpus["prefix"], _config(index_cache_dir=str(cache)))
+    assert np.array_equal(first.starts, second.starts)
+    assert torch.equal(first[3].tokens, second[3].tokens)
+
+
+def test_drop_last_drops_only_a_partial_final_window(corpus):
+    keep = WindowDataset(corpus["prefix"], _config())
+    drop = WindowDataset(corpus["prefix"], _config(drop_last=True))
+    assert len(drop) == len(keep) - 1
+    assert (keep[len(keep) - 1].document_ids < 0).any()
+
+
+def test_interleaved_windows_permute_positions_only(corpus):
+    plain = WindowDataset(corpus["prefix"], _config(shuffle=False))
+    mixed = WindowDataset(corpus["prefix"], _config(interleave_chunks=2, shuffle=False))
+    index = next(i for i in range(len(plain)) if len(plain.window_pieces(i)) >= 3)
+    a, b = plain[index], mixed[index]
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.loss_mask, b.loss_mask)
+    assert not torch.equal(a.position_ids, b.position_ids)
+    assert sorted(a.position_ids.tolist()) == sorted(b.position_ids.tolist())
+
+
+def test_bad_configuration_is_refused(corpus):
+    with pytest.raises(DatasetError, match="anchor_token_id"):
+        WindowDataset(corpus["prefix"], _config(anchor_token_id=None))
+    with pytest.raises(DatasetError, match="data-path"):
+        WindowDataset(f"x {corpus['prefix']} 1 {corpus['other']}", _config())
+    with pytest.raises(DatasetError, match="weights"):
+        WindowDataset(f"-1 {corpus['prefix']} 1 {corpus['other']}", _config())

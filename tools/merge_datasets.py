@@ -1,0 +1,11 @@
+#!/usr/bin/env python
+"""Thin wrapper; the logic and --help live in megatron_anchor.data.merge."""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_anchor.data.merge import main  # noqa: E402
+
+if __name__ == "__main__":
+    main()
