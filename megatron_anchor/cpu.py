@@ -58,7 +58,11 @@ def enable_cpu_mode() -> None:
     # Megatron allocates some buffers on torch.cuda.current_device(); "cpu" is a valid
     # device argument everywhere it is used.
     torch.cuda.current_device = lambda: "cpu"
+    # dist_checkpointing synchronises the device before reading tensors; nothing to wait for.
+    torch.cuda.synchronize = lambda device=None: None
     _patch_optimizer_for_cpu()
+    _patch_checkpoint_writer_for_cpu()
+    _patch_schedules_for_cpu()
     _ENABLED = True
 
 
@@ -110,6 +114,23 @@ def _patch_optimizer_for_cpu() -> None:
         module.get_grad_norm_fp32 = _on_cpu(clip_grads.get_grad_norm_fp32)
         module.count_zeros_fp32 = _on_cpu(clip_grads.count_zeros_fp32)
         module.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32_cpu
+
+
+def _patch_checkpoint_writer_for_cpu() -> None:
+    """dist_checkpointing's writer processes log their memory use with psutil; without psutil
+    installed the writer dies and the trainer waits forever. Log 0 bytes instead."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if not filesystem_async.HAVE_PSUTIL:
+        filesystem_async._process_memory = lambda: 0
+
+
+def _patch_schedules_for_cpu() -> None:
+    """`forward_backward_no_pipelining` counts trained tokens in a ``device='cuda'`` tensor.
+    (`get_forward_backward_func` looks the function up in its module at call time.)"""
+    from megatron.core.pipeline_parallel import schedules
+
+    schedules.forward_backward_no_pipelining = _on_cpu(schedules.forward_backward_no_pipelining)
 
 
 def cpu_mode_enabled() -> bool:

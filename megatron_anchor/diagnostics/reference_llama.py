@@ -30,6 +30,11 @@ import torch.nn.functional as F
 from megatron_anchor.rope import apply_rope, rope_cos_sin
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Where sums accumulate: FP32 for BF16/FP16/FP32 tensors, FP64 for FP64 ones."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 @dataclass
 class LlamaConfig:
     num_layers: int
@@ -122,19 +127,20 @@ class ReferenceLlama:
         self.precision = precision
         self.weights = {name: w.to(precision.dtype) for name, w in weights.items()}
         # FP32 copies of the (BF16-rounded) matrices: CPU FP32 GEMMs are faster than BF16
-        # ones and give the same FP32-accumulated products.
-        self._fp32 = {name: w.float() for name, w in self.weights.items() if w.dim() == 2}
+        # ones and give the same FP32-accumulated products. (FP64 models stay FP64.)
+        self._matrices = {name: w.to(compute_dtype(w.dtype)) for name, w in self.weights.items()
+                          if w.dim() == 2}
 
     # -- building blocks -----------------------------------------------------------------
 
     def _linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
         """x @ W^T with FP32 accumulation and the output rounded to the activation dtype."""
-        return (x.float() @ self._fp32[name].T).to(x.dtype)
+        return (x.to(compute_dtype(x.dtype)) @ self._matrices[name].T).to(x.dtype)
 
     def _rmsnorm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        xf = x.to(compute_dtype(x.dtype))
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.cfg.norm_epsilon)
-        return (xf * weight.float()).to(x.dtype)
+        return (xf * weight.to(xf.dtype)).to(x.dtype)
 
     def rope_tables(self, position_ids: torch.Tensor) -> list:
         """FP32 cos/sin per copy, computed once per forward and shared by all layers."""
@@ -206,7 +212,7 @@ class ReferenceLlama:
     def logits(self, tokens, position_ids, cu_seqlens=None, attention_fn=None) -> torch.Tensor:
         """Logits [B, T, V] in FP32."""
         hidden = self.hidden_states(tokens, position_ids, cu_seqlens, attention_fn)
-        return self._linear(hidden.float(), "output")
+        return self._linear(hidden.to(compute_dtype(hidden.dtype)), "output")
 
     @staticmethod
     def _batched(tokens, position_ids):
@@ -228,17 +234,17 @@ def expand_kv_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 def attention_scores(q: torch.Tensor, k: torch.Tensor, precision: Precision) -> torch.Tensor:
     """Scaled q.k^T in FP32 (FP32 accumulation of the q/k values; see module docstring)."""
-    scores = (q.float() @ k.float().transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
+    acc = compute_dtype(q.dtype)
+    scores = (q.to(acc) @ k.to(acc).transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
     if precision.bf16_scores and q.dtype == torch.bfloat16:
         scores = scores.to(torch.bfloat16).float()
     return scores
 
 
 def weighted_values(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """probs (FP32) @ v, with probs cast to the activation dtype first as fused kernels do."""
-    if v.dtype == torch.float32:
-        return probs @ v
-    return (probs.to(v.dtype).float() @ v.float()).to(v.dtype)
+    """probs @ v, with probs cast to the activation dtype first as fused kernels do."""
+    acc = compute_dtype(v.dtype)
+    return (probs.to(v.dtype).to(acc) @ v.to(acc)).to(v.dtype)
 
 
 def causal_block_mask(rows: slice, num_keys: int) -> torch.Tensor:
@@ -263,3 +269,30 @@ def segment_causal_attention(inputs: LayerAttentionInputs, block_rows: int = 102
             out[:, :, start + rows.start:start + rows.stop] = weighted_values(
                 torch.softmax(scores, dim=-1), v[:, :, keys])
     return out
+
+
+class AttentionCapture:
+    """Attention hook that keeps pre-softmax scores S and probabilities A of chosen layers and
+    heads (dense [copies, heads, T, T] per layer, FP32). For short windows and a few layers;
+    the shift metrics use `shift_metrics.ShiftMetricAccumulator` instead, which never keeps
+    them. Masked entries are -inf in S and 0 in A."""
+
+    def __init__(self, layers, heads=None):
+        self.layers, self.heads = set(layers), heads
+        self.scores: dict = {}
+        self.probs: dict = {}
+
+    def __call__(self, inputs: LayerAttentionInputs) -> torch.Tensor:
+        if inputs.layer in self.layers:
+            H = inputs.q.shape[1]
+            heads = list(range(H)) if self.heads is None else list(self.heads)
+            k = expand_kv_heads(inputs.k, H)[:, heads]
+            scores = attention_scores(inputs.q[:, heads], k, inputs.precision)
+            bounds = inputs.cu_seqlens.to(torch.int64)
+            seg = torch.repeat_interleave(torch.arange(bounds.numel() - 1), bounds[1:] - bounds[:-1])
+            idx = torch.arange(seg.numel())
+            visible = (seg[:, None] == seg[None, :]) & (idx[None, :] <= idx[:, None])
+            scores = scores.masked_fill(~visible, float("-inf"))
+            self.scores[inputs.layer] = scores
+            self.probs[inputs.layer] = torch.softmax(scores, dim=-1)
+        return segment_causal_attention(inputs)

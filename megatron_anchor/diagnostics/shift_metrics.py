@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from megatron_anchor.diagnostics.reference_llama import (
     LayerAttentionInputs, attention_scores, causal_block_mask, expand_kv_heads, weighted_values,
@@ -186,14 +187,81 @@ def summarize(acc: ShiftMetricAccumulator, cu_seqlens: torch.Tensor, shifts, ref
     )
 
 
-def measure_shifts(model, tokens: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor,
-                   shifts, reference_shift: int, block_elements: int | None = None) -> ShiftResult:
-    """Run `model` (a ReferenceLlama) once on copies [Δ2, Δ1...] of one window, in one batch."""
+def shifted_positions(position_ids: torch.Tensor, shifts, reference_shift: int) -> torch.Tensor:
+    """[1 + len(shifts), T]: row 0 at Δ2, then one row per Δ1 (positions + Δ)."""
     offsets = torch.tensor([reference_shift] + list(shifts), dtype=torch.long)
-    batched_positions = position_ids[None, :].long() + offsets[:, None]
-    acc = ShiftMetricAccumulator(model.cfg.num_layers, len(offsets), tokens.numel())
+    return position_ids[None, :].long() + offsets[:, None]
+
+
+def measure_shifts(model, tokens: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor,
+                   shifts, reference_shift: int, block_elements: int | None = None,
+                   return_hidden: bool = False):
+    """Run `model` (a ReferenceLlama) once on copies [Δ2, Δ1...] of one window, in one batch.
+
+    With return_hidden, also the final hidden states [copies, T, d] (e.g. for perplexity).
+    """
+    acc = ShiftMetricAccumulator(model.cfg.num_layers, len(shifts) + 1, tokens.numel())
     if block_elements:
         acc.block_elements = block_elements
     with torch.no_grad():
-        model.hidden_states(tokens, batched_positions, cu_seqlens, attention_fn=acc)
-    return summarize(acc, cu_seqlens, shifts, reference_shift)
+        hidden = model.hidden_states(tokens, shifted_positions(position_ids, shifts, reference_shift),
+                                     cu_seqlens, attention_fn=acc)
+    result = summarize(acc, cu_seqlens, shifts, reference_shift)
+    return (result, hidden) if return_hidden else result
+
+
+# ---------------------------------------------------------------------------------------
+# First-token logits only (long windows)
+# ---------------------------------------------------------------------------------------
+
+@dataclass
+class FirstTokenAccumulator:
+    """Attention hook for long windows: fused attention, plus |ΔS_i,first| per query.
+
+    The first-token metric needs only q_i . k_first, so the attention itself can run in
+    PyTorch's fused scaled_dot_product_attention (FlashAttention-style CPU kernel in the
+    activation dtype, like GPU training) instead of the explicit matrices. Copy 0 is the
+    reference, as in `ShiftMetricAccumulator`.
+    """
+
+    num_layers: int
+    num_copies: int
+    num_tokens: int
+    first_logit_rows: torch.Tensor = field(init=False)
+
+    def __post_init__(self):
+        self.first_logit_rows = torch.zeros(
+            (self.num_layers, self.num_copies - 1, self.num_tokens), dtype=torch.float64)
+
+    def __call__(self, inputs: LayerAttentionInputs) -> torch.Tensor:
+        q, H = inputs.q, inputs.q.shape[1]
+        k, v = expand_kv_heads(inputs.k, H), expand_kv_heads(inputs.v, H)
+        out = torch.empty_like(q)
+        bounds = inputs.cu_seqlens.tolist()
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            seg = slice(start, end)
+            first = attention_scores(q[:, :, seg], k[:, :, start:start + 1], inputs.precision)[..., 0]
+            self.first_logit_rows[inputs.layer, :, seg] += (first[1:] - first[:1]).abs().sum(1).double()
+            out[:, :, seg] = F.scaled_dot_product_attention(q[:, :, seg], k[:, :, seg], v[:, :, seg],
+                                                            is_causal=True)
+        return out
+
+
+def first_token_rows(model, tokens: torch.Tensor, shifts, reference_shift: int) -> torch.Tensor:
+    """Σ_heads |ΔS_i,first| per layer, copy and query, [layers, copies-1, T], one causal window.
+
+    For a causal model the first L queries of a longer window are exactly a window of
+    length L, so prefix means of these rows give the metric for every length <= T.
+    """
+    T = tokens.numel()
+    acc = FirstTokenAccumulator(model.cfg.num_layers, len(shifts) + 1, T)
+    with torch.no_grad():
+        model.hidden_states(tokens, shifted_positions(torch.arange(T), shifts, reference_shift),
+                            torch.tensor([0, T], dtype=torch.int32), attention_fn=acc)
+    return acc.first_logit_rows
+
+
+def first_token_difference_by_length(rows: torch.Tensor, lengths) -> dict:
+    """{L: Σ_layers Σ_heads (1/L) Σ_{i<L} |ΔS_i,1|} for each copy, from `first_token_rows`."""
+    per_query = rows.sum(0)  # [copies-1, T]
+    return {int(L): (per_query[:, :L].sum(-1) / L).tolist() for L in lengths}

@@ -1,0 +1,225 @@
+"""Megatron-style command line of the pretraining entry point -> `TrainConfig`.
+
+Flag names follow Megatron-LM's `pretrain_gpt.py` wherever the meaning is the same, so launch
+scripts read the same. Plugin-specific flags are grouped under "AnchorAttention".
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import List, Optional
+
+from megatron_anchor.training.config import (
+    LR_DECAY_STYLES,
+    CheckpointConfig,
+    ConfigError,
+    DataConfig,
+    LoggingConfig,
+    OptimConfig,
+    ParallelConfig,
+    TrainConfig,
+)
+
+VARIANTS = ("full", "intra-doc", "intra-doc-reset", "anchor")  # = layout.VARIANTS (no import:
+# --help must not pay for importing Megatron-Core)
+TOKENIZER_TYPES = ("HuggingFaceTokenizer", "SentencePieceTokenizer", "GPT2BPETokenizer",
+                   "NullTokenizer", "ByteTokenizer")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="megatron-anchor-pretrain",
+        description="Long-context (continued) pretraining of a Llama-style Megatron-Core GPT "
+                    "model with AnchorAttention. Launch with torchrun (one or many processes); "
+                    "--cpu runs over gloo with Megatron-Core's CPU shims.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _parallel_args(parser)
+    _model_args(parser)
+    _data_args(parser)
+    _optim_args(parser)
+    _checkpoint_and_logging_args(parser)
+    _anchor_args(parser)
+    return parser
+
+
+def _parallel_args(parser):
+    g = parser.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1,
+                   help="tensor-parallel size (Megatron-Core's column/row-parallel layers)")
+    g.add_argument("--context-parallel-size", type=int, default=1,
+                   help="context-parallel size: each THD segment is split into 2*CP chunks")
+    g.add_argument("--sequence-parallel", action="store_true",
+                   help="Megatron sequence parallelism (with --attention-backend te only)")
+    g.add_argument("--bf16", action="store_true",
+                   help="BF16 weights and activations with FP32 main weights (GPU)")
+    g.add_argument("--cpu", action="store_true",
+                   help="run on CPU: gloo process groups and the megatron_anchor.cpu shims")
+    g.add_argument("--seed", type=int, default=1234,
+                   help="seed of weights init, RNG trackers and the data order")
+
+
+def _model_args(parser):
+    g = parser.add_argument_group("model (Llama-style: RMSNorm, SwiGLU, RoPE, GQA, untied)")
+    g.add_argument("--num-layers", type=int, default=2, help="transformer layers")
+    g.add_argument("--hidden-size", type=int, default=256, help="model width")
+    g.add_argument("--ffn-hidden-size", type=int, default=None,
+                   help="SwiGLU inner width (default: 8/3 x hidden, rounded up to 64)")
+    g.add_argument("--num-attention-heads", type=int, default=4, help="query heads")
+    g.add_argument("--num-query-groups", type=int, default=None,
+                   help="key/value heads for grouped-query attention (default: = heads)")
+    g.add_argument("--rotary-base", type=float, default=10000.0,
+                   help="RoPE base (paper: 1e6 at 16K, 5e6 at 64K, 1e7 at 128K)")
+    g.add_argument("--norm-epsilon", type=float, default=1e-5, help="RMSNorm epsilon")
+    g.add_argument("--init-method-std", type=float, default=0.02, help="weight init std")
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
+                   help="pad the vocabulary to a multiple of this (independent of TP)")
+    g.add_argument("--vocab-size", type=int, default=None,
+                   help="vocabulary size (default: the tokenizer's); NullTokenizer: its ids")
+
+
+def _data_args(parser):
+    g = parser.add_argument_group("data")
+    g.add_argument("--data-path", nargs="+", default=None,
+                   help="indexed-dataset prefixes, Megatron style: 'prefix' or "
+                        "'w1 prefix1 w2 prefix2 ...' (weights are token shares)")
+    g.add_argument("--split", default="969,30,1",
+                   help="train,valid,test proportions of the documents of each prefix")
+    g.add_argument("--seq-length", type=int, default=1024, help="token slots per window")
+    g.add_argument("--micro-batch-size", type=int, default=1,
+                   help="windows per micro-batch, collated into one THD sequence")
+    g.add_argument("--global-batch-size", type=int, default=8,
+                   help="windows per optimizer step over all data-parallel ranks "
+                        "(gradient accumulation = global / (micro x DP))")
+    g.add_argument("--data-cache-path", default=None,
+                   help="directory caching the window sample index (reused across runs)")
+    g.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default=None,
+                   help="tokenizer of the preprocessed data (finds the anchor/EOD/pad ids "
+                        "and the vocabulary size)")
+    g.add_argument("--tokenizer-model", default=None,
+                   help="tokenizer.json (HuggingFaceTokenizer) or .model (SentencePiece)")
+    g.add_argument("--vocab-file", default=None, help="GPT2BPETokenizer: vocab.json")
+    g.add_argument("--merge-file", default=None, help="GPT2BPETokenizer: merges.txt")
+
+
+def _optim_args(parser):
+    g = parser.add_argument_group("optimizer (Megatron-Core AdamW) and LR schedule")
+    g.add_argument("--lr", type=float, default=2e-5, help="peak learning rate")
+    g.add_argument("--min-lr", type=float, default=0.0, help="learning rate at the end of decay")
+    g.add_argument("--lr-decay-style", choices=LR_DECAY_STYLES, default="cosine",
+                   help="decay after warmup")
+    g.add_argument("--lr-warmup-iters", type=int, default=0,
+                   help="linear warmup from 0 (Megatron: the first step runs at LR 0)")
+    g.add_argument("--lr-decay-iters", type=int, default=None,
+                   help="iterations of decay (default: --train-iters)")
+    g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay")
+    g.add_argument("--adam-beta1", type=float, default=0.9, help="AdamW beta1")
+    g.add_argument("--adam-beta2", type=float, default=0.95, help="AdamW beta2")
+    g.add_argument("--adam-eps", type=float, default=1e-8, help="AdamW epsilon")
+    g.add_argument("--clip-grad", type=float, default=1.0,
+                   help="clip the global gradient norm to this (0: no clipping)")
+    g.add_argument("--train-iters", type=int, default=100, help="optimizer steps in total")
+
+
+def _checkpoint_and_logging_args(parser):
+    g = parser.add_argument_group("checkpoints and logging")
+    g.add_argument("--save", default=None,
+                   help="checkpoint directory (Megatron dist_checkpointing, iter_NNNNNNN/); "
+                        "also receives metrics.jsonl and loss_curve.png")
+    g.add_argument("--load", default=None,
+                   help="resume from the latest checkpoint in this directory (exact: model, "
+                        "optimizer, LR schedule, data position, RNG)")
+    g.add_argument("--pretrained-checkpoint", default=None,
+                   help="start from these model weights (a Megatron dist checkpoint, e.g. a "
+                        "converted Hugging Face model) when --load has no checkpoint yet")
+    g.add_argument("--save-interval", type=int, default=None,
+                   help="save every N iterations (default: only at the end)")
+    g.add_argument("--exit-interval", type=int, default=None,
+                   help="stop after the iteration that is a multiple of N (saving first if "
+                        "--save); the LR schedule still spans --train-iters")
+    g.add_argument("--log-interval", type=int, default=10, help="log every N iterations")
+    g.add_argument("--eval-interval", type=int, default=None,
+                   help="validate every N iterations (default: only at the end)")
+    g.add_argument("--eval-iters", type=int, default=0,
+                   help="validation iterations of --global-batch-size windows of the valid "
+                        "split (0: no validation)")
+    g.add_argument("--tensorboard-dir", default=None, help="write TensorBoard scalars here")
+    g.add_argument("--no-progress-bar", action="store_true", help="no tqdm bar on rank 0")
+
+
+def _anchor_args(parser):
+    g = parser.add_argument_group("AnchorAttention")
+    g.add_argument("--attention-variant", choices=VARIANTS, default="anchor",
+                   help="who sees whom in a packed window (DESIGN.md section 2)")
+    g.add_argument("--domain-tags", action="store_true",
+                   help="anchor variant: put each document's domain name (tokenized) after its "
+                        "anchor; tag tokens are never loss targets")
+    g.add_argument("--attention-backend", choices=("local", "te"), default="local",
+                   help="local: pure PyTorch (CPU/GPU); te: Transformer Engine THD (GPU)")
+    g.add_argument("--cp-comm-type", default="p2p", choices=("p2p", "all_gather", "a2a"),
+                   help="Transformer Engine context-parallel communication")
+    g.add_argument("--rope-bf16", action="store_true",
+                   help="diagnostic: RoPE tables and rotation in BF16 instead of FP32")
+    g.add_argument("--anchor-token-id", type=int, default=None,
+                   help="anchor token id (default: the tokenizer's BOS, else its EOS)")
+    g.add_argument("--pad-token-id", type=int, default=None,
+                   help="padding id (default: the tokenizer's <|pad|>, else EOD)")
+    g.add_argument("--short-doc-keep-fraction", type=float, default=1.0,
+                   help="UpSampledMix: keep this fraction of documents under 4096 tokens")
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """A validated TrainConfig; tokenizer ids are resolved later (`data.resolve_tokens`)."""
+    from megatron_anchor.model import ModelConfig
+
+    model = ModelConfig(
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        num_attention_heads=args.num_attention_heads,
+        num_query_groups=args.num_query_groups,
+        ffn_hidden_size=args.ffn_hidden_size,
+        vocab_size=args.vocab_size or 0,
+        make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+        max_sequence_length=max(args.seq_length, 1),
+        rotary_base=args.rotary_base,
+        rope_fp32=not args.rope_bf16,
+        norm_epsilon=args.norm_epsilon,
+        init_method_std=args.init_method_std,
+        attention_backend=args.attention_backend,
+        bf16=args.bf16,
+        sequence_parallel=args.sequence_parallel,
+        cp_comm_type=args.cp_comm_type,
+    )
+    if args.hidden_size % args.num_attention_heads:
+        raise ConfigError(f"--hidden-size {args.hidden_size} is not divisible by "
+                          f"--num-attention-heads {args.num_attention_heads}")
+    return TrainConfig(
+        model=model,
+        parallel=ParallelConfig(args.tensor_model_parallel_size, args.context_parallel_size,
+                                args.sequence_parallel, args.cpu),
+        data=DataConfig(
+            data_path=list(args.data_path or []), split=args.split, seq_length=args.seq_length,
+            micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size,
+            variant=args.attention_variant, domain_tags=args.domain_tags,
+            anchor_token_id=args.anchor_token_id,
+            pad_token_id=args.pad_token_id if args.pad_token_id is not None else -1,
+            tokenizer_type=args.tokenizer_type, tokenizer_model=args.tokenizer_model,
+            vocab_file=args.vocab_file, merge_file=args.merge_file,
+            data_cache_path=args.data_cache_path,
+            short_doc_keep_fraction=args.short_doc_keep_fraction),
+        optim=OptimConfig(
+            lr=args.lr, min_lr=args.min_lr, lr_decay_style=args.lr_decay_style,
+            lr_warmup_iters=args.lr_warmup_iters, lr_decay_iters=args.lr_decay_iters,
+            weight_decay=args.weight_decay, adam_beta1=args.adam_beta1,
+            adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, clip_grad=args.clip_grad,
+            train_iters=args.train_iters),
+        checkpoint=CheckpointConfig(args.save, args.load, args.save_interval,
+                                    args.pretrained_checkpoint, args.exit_interval),
+        logging=LoggingConfig(args.log_interval, args.eval_interval, args.eval_iters,
+                              args.tensorboard_dir, not args.no_progress_bar),
+        seed=args.seed,
+    )

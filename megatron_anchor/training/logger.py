@@ -1,0 +1,133 @@
+"""What a run reports (rank 0 only): progress bar, log lines, TensorBoard, metrics, loss plot.
+
+Every metric also goes to `metrics.jsonl` (one JSON object per line) next to the checkpoints,
+so a finished run can be re-plotted or compared without TensorBoard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Dict, List, Optional
+
+
+class RunLogger:
+    def __init__(self, output_dir: Optional[str], tensorboard_dir: Optional[str],
+                 total_iters: int, start_iter: int, enabled: bool, progress_bar: bool):
+        self.enabled = enabled
+        self.output_dir = output_dir
+        self.train_points: List[tuple] = []   # (iteration, loss)
+        self.valid_points: List[tuple] = []   # (iteration, loss)
+        self.bar = None
+        self.writer = None
+        self.metrics_file = None
+        if not enabled:
+            return
+        if output_dir:
+            os.makedirs(output_dir, exist_ok=True)
+            self._read_history(os.path.join(output_dir, "metrics.jsonl"), start_iter)
+            self.metrics_file = open(os.path.join(output_dir, "metrics.jsonl"), "a",
+                                     encoding="utf-8")
+        if tensorboard_dir:
+            self.writer = _summary_writer(tensorboard_dir)
+        if progress_bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_iters, initial=start_iter, unit="it", dynamic_ncols=True,
+                            file=sys.stderr)
+
+    def _read_history(self, path: str, start_iter: int) -> None:
+        """Points of earlier (resumed-from) runs, so the plot shows the whole curve."""
+        if not os.path.isfile(path):
+            return
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                record = json.loads(line)
+                if record["iteration"] > start_iter:
+                    continue  # a later part of an abandoned run: this run redoes it
+                if record["kind"] == "train":
+                    self.train_points.append((record["iteration"], record["loss"]))
+                elif record["kind"] == "valid":
+                    self.valid_points.append((record["iteration"], record["all"]))
+
+    def print(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def train_step(self, iteration: int, metrics: Dict[str, float], log_line: bool) -> None:
+        if not self.enabled:
+            return
+        self.train_points.append((iteration, metrics["loss"]))
+        self._record("train", iteration, metrics)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}",
+                                 tok_s=f"{metrics['tokens_per_s']:.0f}")
+        if log_line:
+            self.print(f"iter {iteration:6d} | loss {metrics['loss']:.4f} | "
+                       f"grad norm {metrics['grad_norm']:.3f} | lr {metrics['lr']:.3e} | "
+                       f"{metrics['tokens_per_s']:.0f} tokens/s | "
+                       f"{metrics['step_time_s'] * 1000:.0f} ms/step")
+
+    def validation(self, iteration: int, losses: Dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        self.valid_points.append((iteration, losses["all"]))
+        self._record("valid", iteration, losses)
+        per_domain = ", ".join(f"{k} {v:.4f}" for k, v in losses.items() if k != "all")
+        self.print(f"valid at iter {iteration} | loss {losses['all']:.4f}"
+                   + (f" | {per_domain}" if per_domain else ""))
+
+    def _record(self, kind: str, iteration: int, values: Dict[str, float]) -> None:
+        if self.metrics_file is not None:
+            self.metrics_file.write(json.dumps({"kind": kind, "iteration": iteration,
+                                                **values}) + "\n")
+            self.metrics_file.flush()
+        if self.writer is not None:
+            for key, value in values.items():
+                self.writer.add_scalar(f"{kind}/{key}", value, iteration)
+
+    def plot(self, path: str) -> Optional[str]:
+        """Save the loss curve as PNG (matplotlib Agg); returns the path."""
+        if not self.enabled or not self.train_points:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot(*zip(*self.train_points), label="train loss", linewidth=1)
+        if self.valid_points:
+            ax.plot(*zip(*self.valid_points), "o-", label="valid loss")
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("loss (nats / trained token)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+        if self.metrics_file is not None:
+            self.metrics_file.close()
+
+
+def _summary_writer(directory: str):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as err:  # tensorboard is an optional (dev) dependency
+        raise RuntimeError(f"--tensorboard-dir needs the tensorboard package ({err}); "
+                           "pip install tensorboard") from None
+    return SummaryWriter(log_dir=directory)

