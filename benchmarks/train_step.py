@@ -35,8 +35,6 @@ def documents(seq_length: int, seed: int, vocab: int):
 
 def flops(batch, cfg, variant) -> float:
     """Forward+backward FLOPs (3x forward) of matmuls and causal attention."""
-    from megatron_anchor.model import ModelConfig  # noqa: F401  (cfg is a ModelConfig)
-
     h, f, layers = cfg.hidden_size, cfg.ffn_size, cfg.num_layers
     kv = (cfg.num_query_groups or cfg.num_attention_heads) / cfg.num_attention_heads
     tokens = int(batch.tokens.numel())

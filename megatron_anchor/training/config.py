@@ -46,6 +46,7 @@ class DataConfig:
     merge_file: Optional[str] = None
     data_cache_path: Optional[str] = None
     short_doc_keep_fraction: float = 1.0
+    interleave_chunks: Optional[int] = None
 
 
 @dataclass

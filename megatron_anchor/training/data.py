@@ -109,6 +109,7 @@ def build_dataset(cfg: TrainConfig, split_name: str, num_windows: int):
         pad_token_id=d.pad_token_id, cp_size=cfg.parallel.context_parallel_size,
         seed=cfg.seed, split=d.split, split_name=split_name, num_samples=num_windows,
         short_doc_keep_fraction=d.short_doc_keep_fraction,
+        interleave_chunks=d.interleave_chunks,
         domain_tag_ids=cfg.domain_tag_ids if d.domain_tags else None,
         index_cache_dir=d.data_cache_path)
     try:

@@ -14,10 +14,13 @@ from typing import Dict, List, Optional
 
 class RunLogger:
     def __init__(self, output_dir: Optional[str], tensorboard_dir: Optional[str],
-                 total_iters: int, start_iter: int, enabled: bool, progress_bar: bool):
+                 total_iters: int, start_iter: int, enabled: bool, progress_bar: bool,
+                 log_interval: int = 10):
         self.enabled = enabled
+        self.log_interval = log_interval
         self.output_dir = output_dir
         self.train_points: List[tuple] = []   # (iteration, loss)
+        self._interval_losses: List[float] = []
         self.valid_points: List[tuple] = []   # (iteration, loss)
         self.bar = None
         self.writer = None
@@ -63,13 +66,16 @@ class RunLogger:
         if not self.enabled:
             return
         self.train_points.append((iteration, metrics["loss"]))
+        self._interval_losses.append(metrics["loss"])
         self._record("train", iteration, metrics)
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{metrics['loss']:.4f}",
                                  tok_s=f"{metrics['tokens_per_s']:.0f}")
-        if log_line:
-            self.print(f"iter {iteration:6d} | loss {metrics['loss']:.4f} | "
+        if log_line:  # the loss is the mean since the last log line, as Megatron logs it
+            mean_loss = sum(self._interval_losses) / len(self._interval_losses)
+            self._interval_losses = []
+            self.print(f"iter {iteration:6d} | loss {mean_loss:.4f} | "
                        f"grad norm {metrics['grad_norm']:.3f} | lr {metrics['lr']:.3e} | "
                        f"{metrics['tokens_per_s']:.0f} tokens/s | "
                        f"{metrics['step_time_s'] * 1000:.0f} ms/step")
@@ -102,7 +108,14 @@ class RunLogger:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(7, 4))
-        ax.plot(*zip(*self.train_points), label="train loss", linewidth=1)
+        steps, losses = zip(*self.train_points)
+        ax.plot(steps, losses, label="train loss (per step)", linewidth=0.8, alpha=0.35)
+        # A step holds a few windows, so its loss swings with their domains; the running
+        # mean over a log interval is the curve to read.
+        span = max(1, min(self.log_interval, len(losses)))
+        smooth = [sum(losses[max(0, i - span + 1):i + 1]) / len(losses[max(0, i - span + 1):i + 1])
+                  for i in range(len(losses))]
+        ax.plot(steps, smooth, label=f"train loss (mean of {span} steps)", linewidth=1.6)
         if self.valid_points:
             ax.plot(*zip(*self.valid_points), "o-", label="valid loss")
         ax.set_xlabel("iteration")

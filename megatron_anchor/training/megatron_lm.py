@@ -4,7 +4,7 @@ Where Megatron-LM is installed (a Megatron-LM checkout on PYTHONPATH, or megatro
 wheels, which ship `megatron/training` for Python >= 3.12), AnchorAttention runs under
 Megatron-LM's trainer with three pieces from here:
 
-* the layer spec: ``--spec megatron_anchor.spec anchor_layer_spec --position-embedding-type none``
+* the layer spec: ``--spec megatron_anchor.megatron_lm_spec anchor_layer_spec --position-embedding-type none``
   (RoPE is applied by our core attention at window positions; Megatron's own would restart
   per segment);
 * `train_valid_test_datasets_provider`: our document-aware window packer (`WindowDataset`);
@@ -26,7 +26,7 @@ checkout)::
                  extra_args_provider=megatron_lm.add_anchor_args)
 
     torchrun --nproc-per-node 8 pretrain_anchor_mlm.py \
-        --spec megatron_anchor.spec anchor_layer_spec --position-embedding-type none \
+        --spec megatron_anchor.megatron_lm_spec anchor_layer_spec --position-embedding-type none \
         --calculate-per-token-loss --micro-batch-size 1 --dataloader-type external ... \
         --anchor-variant anchor --anchor-token-id 1
 
@@ -79,14 +79,14 @@ def model_provider(pre_process=True, post_process=True, *unused, **unused_kw):
     """GPTModel from Megatron-LM's args with the AnchorAttention spec."""
     _require_megatron_lm()
     from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer.spec_utils import import_module
     from megatron.training import get_args
     from megatron.training.arguments import core_transformer_config_from_args
 
-    from megatron_anchor.spec import _spec_from_megatron_lm_args
-
     args = get_args()
     config = core_transformer_config_from_args(args)
-    return GPTModel(config=config, transformer_layer_spec=_spec_from_megatron_lm_args(),
+    return GPTModel(config=config, transformer_layer_spec=import_module(
+                        ("megatron_anchor.megatron_lm_spec", "anchor_layer_spec")),
                     vocab_size=args.padded_vocab_size, max_sequence_length=args.seq_length,
                     pre_process=pre_process, post_process=post_process,
                     position_embedding_type="none",

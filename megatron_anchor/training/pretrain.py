@@ -10,7 +10,6 @@ data, model and optimizer, optionally resume, train, save, summarise.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from typing import List, Optional
@@ -76,7 +75,8 @@ def run_config(cfg):
 
         output_dir = cfg.checkpoint.save or cfg.logging.tensorboard_dir
         logger = RunLogger(output_dir, cfg.logging.tensorboard_dir, cfg.optim.train_iters,
-                           start, rank0, cfg.logging.progress_bar)
+                           start, rank0, cfg.logging.progress_bar,
+                           cfg.logging.log_interval)
         if rank0:
             _print_header(cfg, dp, train_data, logger)
 
@@ -139,15 +139,19 @@ def _print_header(cfg, dp, train_data, logger) -> None:
         f"train windows={len(train_data)}")
 
 
+def _losses(values: dict) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in values.items())
+
+
 def _print_summary(summary) -> None:
     lines = [
         "=" * 72,
         "run summary",
         f"  iterations       {summary.start_iteration} -> "
         f"{summary.start_iteration + summary.iterations}",
-        f"  first loss       {summary.first_loss:.4f}" if summary.first_loss is not None else "",
-        f"  last loss        {summary.last_loss:.4f}" if summary.last_loss is not None else "",
-        f"  valid loss       {json.dumps({k: round(v, 4) for k, v in summary.valid.items()})}"
+        f"  train loss       {summary.first_loss:.4f} -> {summary.last_loss:.4f} (means of the "
+        f"first and last {summary.loss_window} steps)" if summary.first_loss is not None else "",
+        f"  valid loss       {_losses(summary.first_valid)} -> {_losses(summary.valid)}"
         if summary.valid else "",
         f"  tokens/s         {summary.tokens_per_s:.0f} (window slots, all ranks; "
         "first step excluded)",

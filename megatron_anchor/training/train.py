@@ -127,8 +127,12 @@ def evaluate(model, dataset, microbatches, eval_iters: int,
 
 @dataclass
 class RunSummary:
+    # Means over the first and the last log interval: one step's loss depends on which
+    # documents its few windows hold, so single steps are too noisy to compare.
     first_loss: Optional[float] = None
     last_loss: Optional[float] = None
+    loss_window: int = 0
+    first_valid: Dict[str, float] = field(default_factory=dict)
     losses: List[float] = field(default_factory=list)
     tokens_per_s: float = 0.0
     seconds: float = 0.0
@@ -165,6 +169,7 @@ def train(cfg: TrainConfig, components: TrainingComponents, train_data, valid_da
         if valid_data is not None and (last or (log.eval_interval and done % log.eval_interval == 0)):
             summary.valid = evaluate(components.model, valid_data, microbatches, log.eval_iters,
                                      domain_names)
+            summary.first_valid = summary.first_valid or summary.valid
             logger.validation(done, summary.valid)
         interval = cfg.checkpoint.save_interval
         if save_fn is not None and (last or (interval and done % interval == 0)):
@@ -173,7 +178,9 @@ def train(cfg: TrainConfig, components: TrainingComponents, train_data, valid_da
         if last:
             break
     if summary.losses:
-        summary.first_loss, summary.last_loss = summary.losses[0], summary.losses[-1]
+        n = summary.loss_window = max(1, min(log.log_interval, len(summary.losses) // 2))
+        summary.first_loss = sum(summary.losses[:n]) / n
+        summary.last_loss = sum(summary.losses[-n:]) / n
     summary.iterations = len(summary.losses)
     summary.seconds = timed_seconds
     if timed_steps:

@@ -77,7 +77,6 @@ class DenseRecorder:
     def __call__(self, inputs):
         H = inputs.q.shape[1]
         k = inputs.k.repeat_interleave(H // inputs.k.shape[1], dim=1).double()
-        v = inputs.v.repeat_interleave(H // inputs.v.shape[1], dim=1)
         scores = inputs.q.double() @ k.transpose(-1, -2) / math.sqrt(inputs.q.shape[-1])
         visible = sm.segment_visibility(inputs.cu_seqlens)
         probs = torch.softmax(scores.masked_fill(~visible, -math.inf), -1)

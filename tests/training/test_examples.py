@@ -4,6 +4,7 @@ import glob
 import os
 import re
 import shlex
+import subprocess
 
 import pytest
 
@@ -61,23 +62,48 @@ def test_example_flags_are_accepted(script):
     assert not unknown, f"{os.path.basename(script)} passes unknown flags {unknown}"
 
 
-@pytest.mark.parametrize("script", [s for s in SCRIPTS if "pretrain_" in os.path.basename(s)],
-                         ids=os.path.basename)
-def test_cluster_scripts_parse_and_fit_the_layout(script):
-    """The full argument list parses, and TP x CP divides the 8-GPU nodes it asks for."""
+CLUSTER_SCRIPTS = [s for s in SCRIPTS if os.path.basename(s).startswith("pretrain_")]
+
+
+def launched_argv(script, tmp_path, *extra):
+    """Run a launch script with a stand-in `torchrun` that records its arguments: the real
+    argv that bash builds (arrays, the shared recipe, defaults), not a parse of the text."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    fake = bindir / "torchrun"
+    fake.write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$ARGV_OUT"\n')
+    fake.chmod(0o755)
+    out = tmp_path / "argv.txt"
+    env = {k: v for k, v in os.environ.items() if k not in ("NNODES", "NODE_RANK", "SAVE")}
+    env.update(PATH=f"{bindir}{os.pathsep}{env['PATH']}", ARGV_OUT=str(out))
+    subprocess.run(["bash", script, *extra], env=env, check=True, timeout=60)
+    argv = out.read_text().splitlines()
+    split = argv.index(ENTRY)
+    return argv[:split - 1], argv[split + 1:]
+
+
+def test_there_are_cluster_scripts():
+    assert len(CLUSTER_SCRIPTS) == 8
+
+
+@pytest.mark.parametrize("script", CLUSTER_SCRIPTS, ids=os.path.basename)
+def test_cluster_scripts_parse_and_fit_the_layout(script, tmp_path):
+    """The argv the script launches parses; TP x CP divides its nodes' GPUs; the recipe holds."""
     from megatron_anchor.training.arguments import config_from_args, parse_args
 
-    with open(script, encoding="utf-8") as f:
-        text = f.read()
-    argv = []
-    for body in re.findall(r"\b(\w*ARGS)=\((.*?)\)", text, flags=re.S):
-        argv += shlex.split(os.path.expandvars(body[1]), comments=True)
-    argv = [re.sub(r"\$\{?\w+\}?", "x", a) for a in argv]
+    launcher, argv = launched_argv(script, tmp_path, "--train-iters", "7")
     cfg = config_from_args(parse_args(argv))
-    nodes = int(re.search(r"NNODES=\$\{NNODES:-(\d+)\}", text).group(1))
+    nodes = int(launcher[launcher.index("--nnodes") + 1])
+    gpus = nodes * int(launcher[launcher.index("--nproc-per-node") + 1])
     p = cfg.parallel
-    assert (8 * nodes) % (p.tensor_model_parallel_size * p.context_parallel_size) == 0
+    assert gpus % (p.tensor_model_parallel_size * p.context_parallel_size) == 0
     assert cfg.data.seq_length % (2 * p.context_parallel_size) == 0
     assert cfg.model.num_attention_heads % p.tensor_model_parallel_size == 0
     assert (cfg.model.num_query_groups or 0) % p.tensor_model_parallel_size == 0
     assert cfg.data.global_batch_size == 8 and cfg.optim.lr == 2e-5
+    assert cfg.optim.weight_decay == 0.1 and (cfg.optim.adam_beta1, cfg.optim.adam_beta2) == (0.9, 0.95)
+    assert cfg.optim.train_iters == 7, "extra flags given to a launch script must win"
+    context = 64 * 1024 if "_64k" in script else 128 * 1024
+    assert cfg.data.seq_length == context
+    assert cfg.model.rotary_base == (5e6 if context == 64 * 1024 else 1e7)
+    assert cfg.data.variant == "anchor" and p.sequence_parallel

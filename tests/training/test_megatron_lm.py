@@ -27,11 +27,62 @@ def test_forward_step_matches_forward_packed(megatron_cpu):
 
 def test_megatron_lm_pieces_need_megatron_training():
     if megatron_lm.megatron_lm_available():
-        import argparse
-
-        parser = megatron_lm.add_anchor_args(argparse.ArgumentParser())
-        assert parser.parse_args(["--anchor-token-id", "1"]).anchor_variant == "anchor"
-        pytest.skip("megatron.training is importable: the full trainer path is exercised on "
-                    "clusters")
+        pytest.skip("megatron.training is importable here: see the test below")
     with pytest.raises(ImportError, match="megatron.training"):
         megatron_lm.model_provider()
+
+
+MEGATRON_LM_ARGV = [
+    "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
+    "--group-query-attention", "--num-query-groups", "2", "--ffn-hidden-size", "176",
+    "--seq-length", "256", "--max-position-embeddings", "256", "--micro-batch-size", "1",
+    "--global-batch-size", "2", "--spec", "megatron_anchor.megatron_lm_spec", "anchor_layer_spec",
+    "--position-embedding-type", "none", "--rotary-base", "10000", "--normalization", "RMSNorm",
+    "--swiglu", "--disable-bias-linear", "--untie-embeddings-and-output-weights",
+    "--transformer-impl", "local", "--calculate-per-token-loss", "--attention-dropout", "0",
+    "--hidden-dropout", "0", "--no-persist-layer-norm", "--no-gradient-accumulation-fusion",
+    "--no-masked-softmax-fusion", "--no-bias-swiglu-fusion", "--no-rope-fusion",
+    "--tokenizer-type", "NullTokenizer", "--vocab-size", "300", "--lr", "1e-3",
+    "--train-iters", "2", "--split", "90,10,0", "--distributed-backend", "gloo",
+    "--anchor-variant", "anchor", "--anchor-token-id", "1",
+]
+
+
+def test_megatron_lm_spec_dataset_and_forward_step(megatron_cpu, byte_corpus, monkeypatch):
+    """With Megatron-LM's own argument parsing (megatron-core >= 0.19 on Python >= 3.12):
+    `--spec megatron_anchor.megatron_lm_spec anchor_layer_spec` resolves through Megatron's
+    `import_module`, the model provider builds the anchor GPTModel, the dataset provider
+    yields packed windows, and forward_step's loss equals forward_packed's."""
+    if not megatron_lm.megatron_lm_available():
+        pytest.skip("megatron.training is not importable (megatron-core < 0.19 or Python < 3.12)")
+    from megatron.core.transformer.spec_utils import import_module
+    from megatron.training.arguments import parse_args, validate_args
+    from megatron.training.global_vars import set_args
+
+    from megatron_anchor.attention.core import LocalAnchorAttention
+    from megatron_anchor.layout import collate
+    from megatron_anchor.model import forward_packed
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setattr("sys.argv", ["pretrain_gpt.py", *MEGATRON_LM_ARGV,
+                                     "--data-path", byte_corpus])
+    args = parse_args(extra_args_provider=megatron_lm.add_anchor_args)
+    validate_args(args)
+    args.padded_vocab_size = 384  # set by Megatron-LM's tokenizer set-up in a real run
+    set_args(args)
+
+    spec = import_module(tuple(args.spec))  # what pretrain_gpt.py / gpt_builders.py do
+    assert spec.submodules.self_attention.submodules.core_attention.module is LocalAnchorAttention
+    model = megatron_lm.model_provider()
+    train, valid, test = megatron_lm.train_valid_test_datasets_provider([4, 2, 0])
+    assert len(train) == 4 and len(valid) == 2 and test is None
+    windows = [train[0], train[1]]
+    assert all(w.tokens.numel() == 256 for w in windows)
+
+    loss, reduce = megatron_lm.forward_step(iter([windows]), model)
+    loss_sum, num_tokens, _ = reduce(loss)
+    batch = collate(windows)
+    _, expected = forward_packed(model, batch, return_logits=False)
+    assert int(num_tokens) == int(batch.loss_mask.sum()) > 0
+    torch.testing.assert_close(loss_sum.detach(), (expected * batch.loss_mask).sum().detach())

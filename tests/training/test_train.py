@@ -129,3 +129,27 @@ def test_checkpoint_round_trip_load_model(megatron_cpu, byte_corpus, tmp_path):
         load_model_from_checkpoint(str(tmp_path / "nothing"))
     with pytest.raises(ConfigError, match="--seq-length"):
         run(tiny_argv(byte_corpus, "--context-parallel-size", "2", "--seq-length", "250"))
+
+
+def test_interleave_chunks_reaches_the_packed_windows(byte_corpus):
+    """--interleave-chunks goes from the command line to the window packer: same tokens and
+    segments, positions permuted as if the documents' chunks were interleaved."""
+    from megatron_anchor.training.arguments import config_from_args, parse_args
+    from megatron_anchor.training.data import build_dataset
+
+    def first_window(extra):
+        args = parse_args(tiny_argv(byte_corpus, "--attention-variant", "intra-doc",
+                                    "--seq-length", "8192", *extra))
+        cfg = config_from_args(args)
+        return cfg.data.interleave_chunks, build_dataset(cfg, "train", 1)[0]
+
+    chunks, plain = first_window([])
+    assert chunks is None
+    chunks, inter = first_window(["--interleave-chunks", "2"])
+    assert chunks == 2
+    assert len(plain.consumed) >= 2  # several documents, so interleaving moves tokens
+    assert torch.equal(inter.tokens, plain.tokens)
+    assert not torch.equal(inter.position_ids, plain.position_ids)
+    assert sorted(inter.position_ids.tolist()) == sorted(plain.position_ids.tolist())
+    with pytest.raises(SystemExit):
+        parse_args(tiny_argv(byte_corpus, "--interleave-chunks", "4"))

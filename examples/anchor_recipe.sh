@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The paper's continued-pretraining recipe (DESIGN.md section 8), shared by every
+# pretrain_<model>_<context>.sh: AdamW (weight decay 0.1, betas 0.9/0.95), LR 2e-5 with cosine
+# decay, 2000 steps of 8 windows, AnchorAttention over packed documents, Transformer Engine,
+# BF16, sequence parallelism. A launch script sets MODEL_ARGS, PARALLEL_ARGS, TOKENIZER_ARGS,
+# SEQ_LENGTH, NNODES, DATA_PATH and SAVE, then sources this file, which launches one node's
+# 8 ranks. Extra flags given to the launch script come last and win.
+#
+# Environment: PRETRAINED (a Megatron dist checkpoint of the base model, weights only: convert
+# the Hugging Face checkpoint with Megatron-Bridge or Megatron-LM's converter), NODE_RANK,
+# MASTER_ADDR, MASTER_PORT (examples/slurm_anchor.sbatch sets them on a cluster).
+# --load resumes this run's own checkpoints exactly.
+set -euo pipefail
+
+PRETRAINED=${PRETRAINED:-}
+NODE_RANK=${NODE_RANK:-0}
+MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
+MASTER_PORT=${MASTER_PORT:-29500}
+
+DATA_ARGS=(
+  --data-path "$DATA_PATH" --split 969,30,1 --data-cache-path "$SAVE/cache"
+  --seq-length "$SEQ_LENGTH" --micro-batch-size 1 --global-batch-size 8
+  --attention-variant anchor
+)
+TRAIN_ARGS=(
+  --lr 2e-5 --min-lr 2e-6 --lr-decay-style cosine --lr-warmup-iters 20
+  --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0
+  --train-iters 2000 --seed 1234
+)
+OUTPUT_ARGS=(
+  --save "$SAVE" --load "$SAVE" --save-interval 10
+  --log-interval 1 --eval-interval 200 --eval-iters 1 --tensorboard-dir "$SAVE/tensorboard"
+  --no-progress-bar
+)
+if [ -n "$PRETRAINED" ]; then OUTPUT_ARGS+=(--pretrained-checkpoint "$PRETRAINED"); fi
+
+torchrun --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node 8 \
+  --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" \
+  -m megatron_anchor.training.pretrain \
+  "${MODEL_ARGS[@]}" "${PARALLEL_ARGS[@]}" "${TOKENIZER_ARGS[@]}" "${DATA_ARGS[@]}" \
+  "${TRAIN_ARGS[@]}" "${OUTPUT_ARGS[@]}" "$@"
