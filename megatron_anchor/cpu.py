@@ -46,6 +46,17 @@ class CpuRNGStatesTracker(mcore_random.CudaRNGStatesTracker):
             torch.set_rng_state(original)
 
 
+class _NoStream:
+    def wait_event(self, event) -> None:
+        pass
+
+    def wait_stream(self, stream) -> None:
+        pass
+
+
+_NO_STREAM = _NoStream()
+
+
 def enable_cpu_mode() -> None:
     """Install the CPU shims. Refuses to run where CUDA is in use."""
     global _ENABLED
@@ -60,6 +71,9 @@ def enable_cpu_mode() -> None:
     torch.cuda.current_device = lambda: "cpu"
     # dist_checkpointing synchronises the device before reading tensors; nothing to wait for.
     torch.cuda.synchronize = lambda device=None: None
+    # megatron-core >= 0.19 makes the current stream wait for CUDA-graph events before the
+    # gradient reduction; on the CPU there is no stream and nothing to wait for.
+    torch.cuda.current_stream = lambda device=None: _NO_STREAM
     _patch_optimizer_for_cpu()
     _patch_checkpoint_writer_for_cpu()
     _patch_schedules_for_cpu()
@@ -110,6 +124,10 @@ def _patch_optimizer_for_cpu() -> None:
 
     for cls in (optimizer.FP32Optimizer, optimizer.MixedPrecisionOptimizer):
         cls.__init__ = _on_cpu(cls.__init__)
+    # megatron-core >= 0.19: a per-group flag all-reduced from a device='cuda' tensor.
+    if hasattr(optimizer.MegatronOptimizer, "has_grad_norm_group"):
+        base = optimizer.MegatronOptimizer
+        base.has_grad_norm_group = _on_cpu(base.has_grad_norm_group)
     for module in (clip_grads, optimizer):
         module.get_grad_norm_fp32 = _on_cpu(clip_grads.get_grad_norm_fp32)
         module.count_zeros_fp32 = _on_cpu(clip_grads.count_zeros_fp32)
