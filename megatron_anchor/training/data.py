@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Dict, List, Optional
-
-import torch
+from typing import List, Optional
 
 from megatron_anchor.layout import PackedBatch, collate, shard_for_cp
 from megatron_anchor.training.config import ConfigError, TrainConfig
@@ -156,17 +154,10 @@ class MicroBatches:
                 for indices in self.window_indices(iteration)]
 
     def assemble(self, windows: List[PackedBatch]) -> PackedBatch:
-        batch = shard_for_cp(collate(windows), self.cp_size, self.cp_rank)
-        return batch.to(self.device)
+        return assemble_microbatch(windows, self.cp_size, self.cp_rank, self.device)
 
 
-def trained_tokens(batches: List[PackedBatch]) -> int:
-    return int(sum(float(b.loss_mask.sum()) for b in batches))
-
-
-def domain_table(dataset) -> Dict[int, str]:
-    return dict(enumerate(getattr(dataset, "domain_names", [])))
-
-
-def batch_to_device(batch: PackedBatch, device) -> PackedBatch:
-    return batch.to(device) if batch.tokens.device != torch.device(device) else batch
+def assemble_microbatch(windows: List[PackedBatch], cp_size: int, cp_rank: int,
+                        device) -> PackedBatch:
+    """Windows collated into one THD sequence, cut to this rank's CP share, on `device`."""
+    return shard_for_cp(collate(windows), cp_size, cp_rank).to(device)

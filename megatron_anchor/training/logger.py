@@ -113,8 +113,8 @@ class RunLogger:
         # A step holds a few windows, so its loss swings with their domains; the running
         # mean over a log interval is the curve to read.
         span = max(1, min(self.log_interval, len(losses)))
-        smooth = [sum(losses[max(0, i - span + 1):i + 1]) / len(losses[max(0, i - span + 1):i + 1])
-                  for i in range(len(losses))]
+        windows = [losses[max(0, i - span + 1):i + 1] for i in range(len(losses))]
+        smooth = [sum(w) / len(w) for w in windows]
         ax.plot(steps, smooth, label=f"train loss (mean of {span} steps)", linewidth=1.6)
         if self.valid_points:
             ax.plot(*zip(*self.valid_points), "o-", label="valid loss")

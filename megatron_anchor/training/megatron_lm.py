@@ -41,10 +41,10 @@ from __future__ import annotations
 
 from functools import partial
 
-import torch
-
-from megatron_anchor.layout import PackedBatch, shard_for_cp
+from megatron_anchor.layout import PackedBatch
 from megatron_anchor.model import forward_packed
+from megatron_anchor.training.data import assemble_microbatch
+from megatron_anchor.training.train import loss_func  # Megatron's per-token-loss contract
 
 
 def megatron_lm_available() -> bool:
@@ -127,21 +127,10 @@ def train_valid_test_datasets_provider(train_val_test_num_samples):
 
 
 def get_batch(data_iterator, cp_size: int, cp_rank: int, device) -> PackedBatch:
-    """Next packed batch (a collated PackedBatch), this rank's CP share, on `device`."""
+    """Next micro-batch (a window or a list of windows), this rank's CP share, on `device`."""
     batch = next(data_iterator)
-    if isinstance(batch, (list, tuple)):
-        from megatron_anchor.layout import collate
-
-        batch = collate(list(batch))
-    return shard_for_cp(batch, cp_size, cp_rank).to(device)
-
-
-def loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
-    """Megatron-LM's per-token-loss contract: (sum, trained tokens, {'lm loss': [sum, n]})."""
-    mask = loss_mask.to(per_token_loss.dtype)
-    loss_sum = (per_token_loss * mask).sum()
-    num_tokens = mask.sum().to(torch.int)
-    return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), mask.sum()])}
+    windows = list(batch) if isinstance(batch, (list, tuple)) else [batch]
+    return assemble_microbatch(windows, cp_size, cp_rank, device)
 
 
 def forward_step(data_iterator, model):
@@ -152,4 +141,4 @@ def forward_step(data_iterator, model):
     batch = get_batch(data_iterator, parallel_state.get_context_parallel_world_size(),
                       parallel_state.get_context_parallel_rank(), device)
     _, per_token_loss = forward_packed(model, batch, return_logits=False)
-    return per_token_loss, partial(loss_func, batch.loss_mask)
+    return per_token_loss, partial(loss_func, batch)
