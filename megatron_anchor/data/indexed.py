@@ -185,9 +185,14 @@ class AnchorDataset:
         return cumulative[bounds[1:]] - cumulative[bounds[:-1]]
 
     def document(self, index: int, offset: int = 0, length: Optional[int] = None) -> np.ndarray:
-        """Tokens of one document (a read-only view into the memory-mapped `.bin`)."""
+        """Tokens of one document (a read-only view into the memory-mapped `.bin`); like a
+        slice, `length` stops at the document's end."""
         first, last = self.indexed.document_indices[index:index + 2]
         if last - first == 1:
+            # IndexedDataset.get reads `length` tokens whatever the sequence's size, i.e.
+            # into the next document; clamp as the multi-sequence branch's slice does.
+            available = int(self.indexed.sequence_lengths[first]) - offset
+            length = available if length is None else min(length, available)
             return self.indexed.get(int(first), offset=offset, length=length)
         parts = [self.indexed[int(s)] for s in range(first, last)]
         whole = np.concatenate(parts)

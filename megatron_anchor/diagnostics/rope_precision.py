@@ -227,14 +227,17 @@ def load_documents(args, source: ModelSource, tokens_needed: int) -> tuple[list,
     """Token lists (EOD appended, cut to --max-document-tokens) in a seeded order."""
     cap = args.max_document_tokens
     if args.data_path:
-        from megatron.core.datasets.indexed_dataset import IndexedDataset
+        from megatron_anchor.data.indexed import DatasetError, open_dataset
 
-        dataset = IndexedDataset(args.data_path)
-        order = list(range(len(dataset)))
+        try:  # checked opening: a clear message for a missing, truncated or foreign dataset
+            dataset = open_dataset(args.data_path)
+        except DatasetError as err:
+            raise SystemExit(f"megatron-anchor-rope-precision: error: --data-path: {err}")
+        order = list(range(dataset.num_documents))
         random.Random(args.seed).shuffle(order)
         docs, total = [], 0
         for i in order:
-            doc = dataset[i].tolist()[:cap]
+            doc = dataset.document(i)[:cap].tolist()
             docs.append(doc)
             total += len(doc)
             if total >= tokens_needed:

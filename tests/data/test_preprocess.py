@@ -288,3 +288,14 @@ def test_json_summary_output(tmp_path, capsys):
     assert summary["domains"] == {"news": 2, "code": 1, "books": 1}
     assert summary["tokens"]["text"] == sum(
         len("".join(r["text"]).encode()) for r in CORPUS[:4])
+
+
+def test_document_reads_stop_at_the_document_end(tmp_path):
+    """A read longer than the document stops at its end, like a slice: Megatron's
+    IndexedDataset.get would run on into the next document."""
+    prefix = build_null_dataset(tmp_path, "short", [5, 7, 3])
+    dataset = open_dataset(prefix)
+    for d, n in enumerate([5, 7, 3]):
+        assert dataset.document(d, length=100).tolist() == doc_tokens(d, n)
+        assert dataset.document(d, offset=2, length=100).tolist() == doc_tokens(d, n)[2:]
+        assert dataset.document(d, offset=1, length=2).tolist() == doc_tokens(d, n)[1:3]

@@ -62,3 +62,26 @@ def test_document_masked_layouts_measured(quick_run):
     assert set(layouts) == {"full", "intra-doc", "anchor"}
     for entry in layouts.values():
         assert entry["D_shift0"] > entry["D_without_first_keys_shift0"] > 0
+
+
+def test_documents_from_a_dataset_prefix(tmp_path):
+    """--data-path reads whole documents, each cut to --max-document-tokens and never
+    running into the next one; a missing or truncated dataset is a one-line error."""
+    from megatron_anchor.data.preprocess import main as preprocess
+
+    texts = ["short one", "x" * 500, "a medium-sized document here"]
+    jsonl = tmp_path / "c.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    preprocess(["--input", str(jsonl), "--output-prefix", str(tmp_path / "c"),
+                "--tokenizer-type", "ByteTokenizer", "--append-eod"])
+    prefix = str(tmp_path / "c_text_document")
+    args = rope_precision.parse_args(["--data-path", prefix, "--seq-length", "64",
+                                      "--max-document-tokens", "40"])
+    docs, origin = rope_precision.load_documents(args, source=None, tokens_needed=10_000)
+    assert prefix in origin
+    # Byte tokens plus EOD: 10, 501 -> cut to 40, 29.
+    assert sorted(len(d) for d in docs) == [10, 29, 40]
+
+    bad = rope_precision.parse_args(["--data-path", str(tmp_path / "missing")])
+    with pytest.raises(SystemExit, match="dataset file not found"):
+        rope_precision.load_documents(bad, source=None, tokens_needed=10)
