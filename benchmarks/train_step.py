@@ -101,13 +101,13 @@ def main(argv=None):
     import warnings
 
     warnings.filterwarnings("ignore")
-    from megatron_anchor import distributed
+    from megatron_anchor import runtime
 
-    distributed.initialize(1, 1, cpu=not torch.cuda.is_available(), seed=args.seed)
+    runtime.initialize(1, 1, cpu=None, seed=args.seed)
     try:
         rows = [bench(s, args) for s in args.seq_lengths]
     finally:
-        distributed.destroy()
+        runtime.destroy()
     if args.json:
         print(json.dumps({"device": "cuda" if torch.cuda.is_available() else "cpu",
                           "threads": torch.get_num_threads(), "rows": rows}, indent=2))

@@ -1,14 +1,27 @@
 """megatron-anchor: AnchorAttention for long-context continued pretraining on Megatron-Core.
 
-The packed-batch contract is re-exported lazily: importing the package (e.g. for a tool's
---help) does not import Megatron-Core.
+The packed-batch contract (`megatron_anchor.layout`, which imports neither Megatron nor a
+model) is re-exported lazily, so importing the package (e.g. for a tool's --help) is cheap.
 """
 
 __version__ = "0.1.0"
 
+
+def _quiet_expected_megatron_warnings() -> None:
+    """Megatron-Core warns once per module that TE/Apex are missing; where they are, it
+    does not. `megatron_anchor.runtime` says it once, in one line, on CPU runs."""
+    import warnings
+
+    for pattern in (r".*(Transformer Engine|Apex).*(is|are) not installed.*",
+                    r".*full scope is deprecated.*"):
+        warnings.filterwarnings("ignore", message=pattern)
+
+
+_quiet_expected_megatron_warnings()
+
 _LAYOUT_EXPORTS = (
-    "VARIANTS", "AnchorPackedSeqParams", "PackedBatch", "collate", "cp_partition_indices",
-    "pack_documents", "shard_for_cp",
+    "VARIANTS", "PackedBatch", "collate", "cp_partition_indices", "pack_documents",
+    "shard_for_cp",
 )
 __all__ = list(_LAYOUT_EXPORTS)
 

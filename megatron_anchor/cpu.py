@@ -77,6 +77,8 @@ def enable_cpu_mode() -> None:
     _patch_optimizer_for_cpu()
     _patch_checkpoint_writer_for_cpu()
     _patch_schedules_for_cpu()
+    _patch_recompute_rng_for_cpu()
+    _patch_distributed_optimizer_for_cpu()
     _ENABLED = True
 
 
@@ -149,6 +151,53 @@ def _patch_schedules_for_cpu() -> None:
     from megatron.core.pipeline_parallel import schedules
 
     schedules.forward_backward_no_pipelining = _on_cpu(schedules.forward_backward_no_pipelining)
+
+
+def _patch_recompute_rng_for_cpu() -> None:
+    """Activation recomputation (`tensor_parallel.checkpoint`) saves the CPU generator, the
+    CUDA generator and the tracker's states before a forward and restores them for the
+    recomputation. On the CPU the CPU generator (and the tracker, CPU-backed here) is all
+    there is: the CUDA part becomes a no-op."""
+    mcore_random._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: None
+    mcore_random._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: None
+
+
+class _CpuTypeNamesAsCuda(torch.overrides.TorchFunctionMode):
+    """``tensor.type()`` of a CPU tensor answers with its CUDA type name (only where entered):
+    Megatron's distributed optimizer sorts parameters by ``torch.cuda.*Tensor`` names."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        if (getattr(func, "__name__", None) == "type" and len(args) == 1 and not kwargs
+                and isinstance(result, str) and result.startswith("torch.")
+                and not result.startswith("torch.cuda.")):
+            return "torch.cuda." + result[len("torch."):]
+        return result
+
+
+def _patch_distributed_optimizer_for_cpu() -> None:
+    """`DistributedOptimizer` (--use-distributed-optimizer) accepts only parameters whose
+    ``type()`` is ``torch.cuda.FloatTensor`` (or Half/BFloat16) when it builds its FP32 shards,
+    and allocates a few buffers on ``device='cuda'``. Answer the type check for CPU tensors
+    and route those buffers to the CPU; the sharding, the reduce-scatter / all-gather over
+    gloo and the optimizer maths are Megatron's, unchanged."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    cls = distrib_optimizer.DistributedOptimizer
+    build = cls._build_model_and_main_param_groups
+
+    @functools.wraps(build)
+    def build_on_cpu(*args, **kwargs):
+        with _CpuTypeNamesAsCuda(), _CudaDeviceToCpu():
+            return build(*args, **kwargs)
+
+    cls._build_model_and_main_param_groups = staticmethod(build_on_cpu)
+    cls.__init__ = _on_cpu(cls.__init__)
+    # Loading a 'dp_reshardable' optimizer checkpoint copies into the FP32 main-weight
+    # shards, which are views of the (grad-requiring) parameters when the weights are FP32,
+    # as on the CPU; Megatron's other loaders already run under no_grad.
+    cls.load_parameter_state_from_dp_reshardable = torch.no_grad()(
+        cls.load_parameter_state_from_dp_reshardable)
 
 
 def cpu_mode_enabled() -> bool:

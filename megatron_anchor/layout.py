@@ -40,29 +40,76 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from megatron.core.packed_seq_params import PackedSeqParams
 
-VARIANTS = ("full", "intra-doc", "intra-doc-reset", "anchor")
-DOCUMENT_MASKED_VARIANTS = ("intra-doc", "intra-doc-reset", "anchor")
+class LayoutError(ValueError):
+    """Arguments that cannot make a packed window; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class Variant:
+    """What an attention variant does to a window (DESIGN §2)."""
+
+    name: str
+    segment_per_document: bool   # one THD segment per document (documents invisible to each other)
+    reset_positions: bool        # positions restart at 0 in every segment
+    anchor: bool                 # each segment starts with a copy of the shared anchor (position 0)
+    interleave_allowed: bool     # --interleave-chunks keeps its meaning (chunks stay visible)
+
+
+VARIANT_TABLE = {v.name: v for v in (
+    Variant("full", segment_per_document=False, reset_positions=False, anchor=False,
+            interleave_allowed=False),
+    Variant("intra-doc", segment_per_document=True, reset_positions=False, anchor=False,
+            interleave_allowed=True),
+    Variant("intra-doc-reset", segment_per_document=True, reset_positions=True, anchor=False,
+            interleave_allowed=False),
+    Variant("anchor", segment_per_document=True, reset_positions=False, anchor=True,
+            interleave_allowed=True),
+)}
+VARIANTS = tuple(VARIANT_TABLE)
+DOCUMENT_MASKED_VARIANTS = tuple(v.name for v in VARIANT_TABLE.values() if v.segment_per_document)
 
 # Slot kinds, kept per slot so references and tools never have to re-derive the layout.
 KIND_DOC, KIND_ANCHOR, KIND_TAG, KIND_PAD = 0, 1, 2, 3
 
 
-@dataclass
-class AnchorPackedSeqParams(PackedSeqParams):
-    """Megatron-Core THD params plus the explicit per-token RoPE positions.
+def get_variant(name: str) -> Variant:
+    try:
+        return VARIANT_TABLE[name]
+    except KeyError:
+        raise LayoutError(f"unknown attention variant {name!r}: choose one of "
+                          f"{', '.join(VARIANTS)}") from None
 
-    Megatron-Core's attention passes `packed_seq_params` through to the core attention
-    untouched, so this is how positions that do not restart per segment reach it.
-    """
 
-    position_ids: Optional[torch.Tensor] = None
+def cp_multiple(cp_size: int) -> int:
+    """Every THD segment's length must divide by this under context parallelism."""
+    return 2 * cp_size if cp_size > 1 else 1
 
-    def as_megatron(self) -> PackedSeqParams:
-        """A plain PackedSeqParams (what TE-facing code in Megatron-Core expects)."""
-        names = {f.name for f in dataclasses.fields(PackedSeqParams)}
-        return PackedSeqParams(**{n: getattr(self, n) for n in names})
+
+def check_seq_length(seq_length: int, cp_size: int = 1) -> None:
+    if cp_size < 1:
+        raise LayoutError(f"context parallel size must be >= 1, got {cp_size}")
+    if seq_length <= 0 or seq_length % cp_multiple(cp_size):
+        raise LayoutError(
+            f"--seq-length {seq_length} must be a positive multiple of 2 x "
+            f"--context-parallel-size = {2 * cp_size}: context parallelism splits every "
+            f"segment into 2 x CP chunks")
+
+
+def check_anchor(variant: str, anchor_token_id: Optional[int]) -> None:
+    if get_variant(variant).anchor and anchor_token_id is None:
+        raise LayoutError(
+            f"--attention-variant {variant} needs an anchor token id (the tokenizer's BOS, or "
+            "its EOS when it has no BOS): give a tokenizer or --anchor-token-id")
+
+
+def check_interleave(variant: str, interleave_chunks: Optional[int]) -> None:
+    if interleave_chunks and (interleave_chunks not in (2, 3)
+                              or not get_variant(variant).interleave_allowed):
+        allowed = " or ".join(v.name for v in VARIANT_TABLE.values() if v.interleave_allowed)
+        raise LayoutError(
+            f"--interleave-chunks {interleave_chunks}: use 2 or 3, with --attention-variant "
+            f"{allowed} (got {variant!r}); chunks of one document must stay mutually visible")
 
 
 @dataclass
@@ -107,48 +154,25 @@ class PackedBatch:
         moved = {n: getattr(self, n).to(device) for n in self.PER_SLOT}
         return dataclasses.replace(self, cu_seqlens=self.cu_seqlens.to(device), **moved)
 
-    def to_packed_seq_params(self, cp_group=None) -> AnchorPackedSeqParams:
-        cu_seqlens = self.cu_seqlens.to(device=self.tokens.device, dtype=torch.int32)
-        return AnchorPackedSeqParams(
-            qkv_format="thd",
-            cu_seqlens_q=cu_seqlens,
-            cu_seqlens_kv=cu_seqlens,
-            cu_seqlens_q_padded=cu_seqlens,
-            cu_seqlens_kv_padded=cu_seqlens,
-            max_seqlen_q=int(self.max_seqlen),
-            max_seqlen_kv=int(self.max_seqlen),
-            cp_group=cp_group,
-            position_ids=self.position_ids,
-        )
-
 
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
 def _check_arguments(documents, seq_length, variant, anchor_token_id, domain_tags, domain_ids,
-                     cp_size):
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown attention variant {variant!r}: choose one of {', '.join(VARIANTS)}")
-    if cp_size < 1:
-        raise ValueError(f"cp_size must be >= 1, got {cp_size}")
-    if seq_length <= 0 or seq_length % (2 * cp_size if cp_size > 1 else 1):
-        raise ValueError(
-            f"seq_length={seq_length} must be a positive multiple of 2*cp_size={2 * cp_size}: "
-            "context parallelism splits every segment into 2*cp_size chunks"
-        )
+                     cp_size, interleave_chunks):
+    get_variant(variant)
+    check_seq_length(seq_length, cp_size)
+    check_anchor(variant, anchor_token_id)
+    check_interleave(variant, interleave_chunks)
     if len(documents) == 0:
-        raise ValueError("pack_documents got an empty document list: pass at least one document")
+        raise LayoutError("pack_documents got an empty document list: pass at least one document")
     for i, doc in enumerate(documents):
         if len(doc) == 0:
-            raise ValueError(f"document {i} is empty: drop empty documents before packing")
-    if variant == "anchor" and anchor_token_id is None:
-        raise ValueError(
-            "variant 'anchor' needs anchor_token_id (the tokenizer's BOS, or EOS if it has no BOS)"
-        )
+            raise LayoutError(f"document {i} is empty: drop empty documents before packing")
     for name, per_doc in (("domain_tags", domain_tags), ("domain_ids", domain_ids)):
         if per_doc is not None and len(per_doc) != len(documents):
-            raise ValueError(
+            raise LayoutError(
                 f"{name} has {len(per_doc)} entries for {len(documents)} documents: "
                 "give exactly one per document"
             )
@@ -177,14 +201,10 @@ def pack_documents(
     `_interleave_positions` for why this needs no new attention mask.
     """
     _check_arguments(documents, seq_length, variant, anchor_token_id, domain_tags, domain_ids,
-                     cp_size)
-    if interleave_chunks and (interleave_chunks not in (2, 3)
-                              or variant not in ("intra-doc", "anchor")):
-        raise ValueError(
-            f"interleave_chunks={interleave_chunks}: use 2 or 3, with variant intra-doc or "
-            f"anchor (got {variant!r}); chunks of one document must stay mutually visible")
-    multiple = 2 * cp_size if cp_size > 1 else 1
-    use_anchor = variant == "anchor"
+                     cp_size, interleave_chunks)
+    rules = get_variant(variant)
+    multiple = cp_multiple(cp_size)
+    use_anchor = rules.anchor
     S = seq_length
 
     tokens = np.full(S, pad_token_id, dtype=np.int64)
@@ -230,19 +250,19 @@ def pack_documents(
             doc_domains[start:slot] = domain_ids[i]
         consumed.append((i, take))
 
-        if variant != "full":
+        if rules.segment_per_document:
             end = start + _round_up(slot - start, multiple)
-            if variant == "intra-doc-reset":
+            if rules.reset_positions:
                 position_ids[start:end] = np.arange(end - start)
             slot = end
             boundaries.append(end)
         if take < len(doc) or slot == S:
             break
 
-    if variant == "full":
+    if not rules.segment_per_document:
         boundaries.append(S)
     elif boundaries[-1] != S:  # documents ran out, or the rest is too small: one pad segment
-        if variant == "intra-doc-reset":
+        if rules.reset_positions:
             position_ids[boundaries[-1]:] = np.arange(S - boundaries[-1])
         boundaries.append(S)
 
@@ -284,7 +304,7 @@ def _label_prefix_and_boundaries(tokens, labels, loss_mask, kinds, variant):
     later_anchor = kinds == KIND_ANCHOR
     later_anchor[0] = False
     loss_mask[later_anchor] = 0.0
-    if variant == "full":
+    if not get_variant(variant).segment_per_document:
         untrained_doc_end = (kinds == KIND_DOC) & (loss_mask == 0) & (nxt_kind == KIND_DOC)
         labels[untrained_doc_end] = nxt_token[untrained_doc_end]
         loss_mask[untrained_doc_end] = 1.0
@@ -324,7 +344,7 @@ def check_cp_divisibility(cu_seqlens: torch.Tensor, cp_size: int) -> None:
     bad = [(i, n) for i, n in enumerate(lengths) if n % (2 * cp_size)]
     if bad:
         i, n = bad[0]
-        raise ValueError(
+        raise LayoutError(
             f"context parallel size {cp_size} needs every THD segment padded to a multiple of "
             f"{2 * cp_size}, but segment {i} has length {n} ({len(bad)} bad segment(s)); "
             f"pack with pack_documents(..., cp_size={cp_size})"
@@ -337,7 +357,7 @@ def cp_partition_indices(cu_seqlens: torch.Tensor, cp_size: int, cp_rank: int) -
     Same convention as Transformer Engine's `thd_get_partitioned_indices`.
     """
     if not 0 <= cp_rank < cp_size:
-        raise ValueError(f"cp_rank {cp_rank} out of range for cp_size {cp_size}")
+        raise LayoutError(f"cp_rank {cp_rank} out of range for cp_size {cp_size}")
     check_cp_divisibility(cu_seqlens, cp_size)
     bounds = cu_seqlens.to(torch.int64).tolist()
     if cp_size == 1:
@@ -378,7 +398,7 @@ def collate(batches: Sequence[PackedBatch]) -> PackedBatch:
     for b in batches[1:]:
         if (b.variant, b.seq_length, b.cp_size, b.cp_rank) != (
                 first.variant, first.seq_length, first.cp_size, first.cp_rank):
-            raise ValueError("collate needs windows of one variant, seq_length and CP share")
+            raise LayoutError("collate needs windows of one variant, seq_length and CP share")
     offsets, cu = 0, [first.cu_seqlens[:1]]
     for b in batches:
         cu.append(b.cu_seqlens[1:] + offsets)

@@ -9,17 +9,55 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
 
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.gpt import GPTModel
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_anchor import backends, runtime
 from megatron_anchor.layout import PackedBatch
 from megatron_anchor.spec import get_anchor_layer_spec
+
+
+class ModelLayoutError(ValueError):
+    """An architecture that cannot be split over the requested TP/CP layout."""
+
+
+@dataclass
+class AnchorPackedSeqParams(PackedSeqParams):
+    """Megatron-Core THD params plus the explicit per-token RoPE positions.
+
+    Megatron-Core's attention passes `packed_seq_params` through to the core attention
+    untouched, so this is how positions that do not restart per segment reach it.
+    """
+
+    position_ids: Optional[torch.Tensor] = None
+
+    def as_megatron(self) -> PackedSeqParams:
+        """A plain PackedSeqParams (what TE-facing code in Megatron-Core expects)."""
+        names = {f.name for f in dataclasses.fields(PackedSeqParams)}
+        return PackedSeqParams(**{n: getattr(self, n) for n in names})
+
+
+def packed_seq_params(batch: PackedBatch, cp_group=None) -> AnchorPackedSeqParams:
+    """The THD description of a packed batch (cu_seqlens == cu_seqlens_padded, see layout)."""
+    cu_seqlens = batch.cu_seqlens.to(device=batch.tokens.device, dtype=torch.int32)
+    return AnchorPackedSeqParams(
+        qkv_format="thd",
+        cu_seqlens_q=cu_seqlens,
+        cu_seqlens_kv=cu_seqlens,
+        cu_seqlens_q_padded=cu_seqlens,
+        cu_seqlens_kv_padded=cu_seqlens,
+        max_seqlen_q=int(batch.max_seqlen),
+        max_seqlen_kv=int(batch.max_seqlen),
+        cp_group=cp_group,
+        position_ids=batch.position_ids,
+    )
 
 
 @dataclass
@@ -40,6 +78,18 @@ class ModelConfig:
     bf16: bool = False
     sequence_parallel: bool = False
     cp_comm_type: str = "p2p"
+    # Activation recomputation (TransformerConfig's fields; not architecture): None, "full"
+    # (whole layers, with recompute_method "uniform"|"block" and recompute_num_layers) or
+    # "selective" (core attention only).
+    recompute_granularity: Optional[str] = None
+    recompute_method: Optional[str] = None
+    recompute_num_layers: Optional[int] = None
+    recompute_modules: Optional[List[str]] = None  # selective: None = ["core_attn"]
+    # Hugging Face families (megatron_anchor.convert): Qwen's QKV bias, tied embeddings
+    # (SmolLM2, Qwen2-0.5B), Llama-3.1's RoPE frequency scaling (megatron_anchor.rope).
+    add_qkv_bias: bool = False
+    share_embeddings_and_output_weights: bool = False
+    rope_scaling: Optional[dict] = None
 
     @property
     def padded_vocab_size(self) -> int:
@@ -67,10 +117,9 @@ class ModelConfig:
 def transformer_config(cfg: ModelConfig, use_cpu_initialization: Optional[bool] = None):
     tp = parallel_state.get_tensor_model_parallel_world_size()
     cp = parallel_state.get_context_parallel_world_size()
-    if cfg.padded_vocab_size % tp:
-        raise ValueError(f"padded vocab {cfg.padded_vocab_size} is not divisible by TP={tp}")
+    check_parallel_layout(cfg, tp)
     if use_cpu_initialization is None:
-        use_cpu_initialization = not torch.cuda.is_available()
+        use_cpu_initialization = runtime.is_cpu()
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32
     return TransformerConfig(
         num_layers=cfg.num_layers,
@@ -83,6 +132,7 @@ def transformer_config(cfg: ModelConfig, use_cpu_initialization: Optional[bool] 
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
+        add_qkv_bias=cfg.add_qkv_bias,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=cfg.init_method_std,
@@ -100,23 +150,46 @@ def transformer_config(cfg: ModelConfig, use_cpu_initialization: Optional[bool] 
         masked_softmax_fusion=False,
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
+        recompute_granularity=cfg.recompute_granularity,
+        recompute_method=cfg.recompute_method,
+        recompute_num_layers=cfg.recompute_num_layers,
+        recompute_modules=list(cfg.recompute_modules) if cfg.recompute_modules else None,
     )
 
 
-def build_model(cfg: ModelConfig, use_cpu_initialization: Optional[bool] = None) -> GPTModel:
-    """GPTModel with RMSNorm, SwiGLU, GQA, untied embeddings and AnchorAttention."""
-    if cfg.sequence_parallel and cfg.attention_backend != "te":
-        raise ValueError("--sequence-parallel needs the te attention backend "
-                         "(it shards activations along the THD token axis)")
+def check_parallel_layout(cfg: ModelConfig, tp: int) -> None:
+    """Heads, key/value groups and the padded vocabulary must split evenly over TP."""
+    groups = cfg.num_query_groups or cfg.num_attention_heads
+    for flag, count in (("--num-attention-heads", cfg.num_attention_heads),
+                        ("--num-query-groups", groups),
+                        ("the padded vocabulary", cfg.padded_vocab_size)):
+        if count % tp:
+            raise ModelLayoutError(f"{flag} {count} does not divide by "
+                                   f"--tensor-model-parallel-size {tp}")
+
+
+def build_model(cfg: ModelConfig, use_cpu_initialization: Optional[bool] = None,
+                initialize: bool = True) -> GPTModel:
+    """GPTModel with RMSNorm, SwiGLU, GQA, (un)tied embeddings and AnchorAttention.
+
+    `initialize=False` leaves the weights uninitialised (importers overwrite every one).
+    """
+    backends.get(cfg.attention_backend).validate(
+        cpu=runtime.is_cpu(), tp=parallel_state.get_tensor_model_parallel_world_size(),
+        cp=parallel_state.get_context_parallel_world_size(),
+        sequence_parallel=cfg.sequence_parallel, cp_comm_type=cfg.cp_comm_type,
+        num_attention_heads=cfg.num_attention_heads, num_query_groups=cfg.num_query_groups)
     config = transformer_config(cfg, use_cpu_initialization)
+    config.perform_initialization = initialize
     return GPTModel(
         config=config,
         transformer_layer_spec=get_anchor_layer_spec(
-            cfg.attention_backend, rotary_base=cfg.rotary_base, rope_fp32=cfg.rope_fp32),
+            cfg.attention_backend, rotary_base=cfg.rotary_base, rope_fp32=cfg.rope_fp32,
+            rope_scaling=cfg.rope_scaling),
         vocab_size=cfg.padded_vocab_size,
         max_sequence_length=cfg.max_sequence_length,
         position_embedding_type="none",
-        share_embeddings_and_output_weights=False,
+        share_embeddings_and_output_weights=cfg.share_embeddings_and_output_weights,
         parallel_output=True,
     )
 
@@ -127,7 +200,7 @@ def forward_packed(model, batch: PackedBatch, return_logits: bool = True):
     `batch` is a (possibly CP-sharded, possibly collated) PackedBatch already on the
     model's device. The loss is unmasked; apply `batch.loss_mask` when reducing.
     """
-    params = batch.to_packed_seq_params()
+    params = packed_seq_params(batch)
     logits = model(batch.tokens[None], batch.position_ids[None], None,
                    packed_seq_params=params)[0]  # [T, V/tp]
     # Megatron's vocab-parallel cross entropy works in place on FP32 logits.

@@ -15,50 +15,31 @@ from __future__ import annotations
 
 import copy
 
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from megatron_anchor.attention.core import LocalAnchorAttention
-
-ATTENTION_BACKENDS = ("local", "te")
+from megatron_anchor import backends
+from megatron_anchor.rope import check_rope_scaling
 
 
 def core_attention_spec(attention_backend: str = "local", rotary_base: float = 10000.0,
-                        rope_fp32: bool = True) -> ModuleSpec:
+                        rope_fp32: bool = True, rope_scaling=None) -> ModuleSpec:
     params = {"rotary_base": float(rotary_base), "rope_fp32": bool(rope_fp32)}
-    if attention_backend == "local":
-        return ModuleSpec(module=LocalAnchorAttention, params=params)
-    if attention_backend == "te":
-        from megatron_anchor.attention.te import te_anchor_attention_class
-
-        return ModuleSpec(module=te_anchor_attention_class(), params=params)
-    raise ValueError(f"unknown attention backend {attention_backend!r}: choose "
-                     f"{' or '.join(ATTENTION_BACKENDS)}")
+    if rope_scaling:  # Llama-3.1 frequency scaling (megatron_anchor.rope)
+        params["rope_scaling"] = check_rope_scaling(rope_scaling)
+    return ModuleSpec(module=backends.get(attention_backend).core_attention(), params=params)
 
 
 def get_anchor_layer_spec(attention_backend: str = "local", rotary_base: float = 10000.0,
-                          rope_fp32: bool = True, qk_layernorm: bool = False) -> ModuleSpec:
+                          rope_fp32: bool = True, qk_layernorm: bool = False,
+                          rope_scaling=None) -> ModuleSpec:
     """A GPT `TransformerLayer` spec (RMSNorm) whose core attention is AnchorAttention."""
-    if attention_backend == "te":
-        from megatron_anchor.attention.te import require_transformer_engine
-
-        require_transformer_engine()
-        from megatron.core.models.gpt.gpt_layer_specs import (
-            get_gpt_layer_with_transformer_engine_spec,
-        )
-
-        spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
-    elif attention_backend == "local":
-        spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=qk_layernorm)
-    else:
-        raise ValueError(f"unknown attention backend {attention_backend!r}: choose "
-                         f"{' or '.join(ATTENTION_BACKENDS)}")
+    spec = backends.get(attention_backend).base_layer_spec(qk_layernorm)
     spec = copy.deepcopy(spec)
     attention = spec.submodules.self_attention
     attention.params = dict(attention.params or {}, attn_mask_type=AttnMaskType.padding_causal)
     attention.submodules.core_attention = core_attention_spec(
-        attention_backend, rotary_base, rope_fp32)
+        attention_backend, rotary_base, rope_fp32, rope_scaling)
     return spec
 
 
@@ -72,7 +53,7 @@ def spec_from_megatron_lm_args() -> ModuleSpec:
             "megatron_anchor.megatron_lm_spec applies RoPE itself at window positions: "
             "run pretrain_gpt.py with --position-embedding-type none (and keep --rotary-base)"
         )
-    backend = "te" if getattr(args, "transformer_impl", "local") == "transformer_engine" else "local"
-    return get_anchor_layer_spec(backend, rotary_base=getattr(args, "rotary_base", 10000),
+    backend = backends.from_megatron_transformer_impl(getattr(args, "transformer_impl", "local"))
+    return get_anchor_layer_spec(backend.name, rotary_base=getattr(args, "rotary_base", 10000),
                                  rope_fp32=not getattr(args, "anchor_rope_bf16", False),
                                  qk_layernorm=getattr(args, "qk_layernorm", False))

@@ -11,7 +11,7 @@ import traceback
 import torch
 import torch.multiprocessing as mp
 
-from megatron_anchor.distributed import free_port
+from megatron_anchor.runtime import free_port
 
 
 def _worker(rank, world_size, port, fn, args, queue):

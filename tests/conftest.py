@@ -10,8 +10,8 @@ def megatron_cpu():
     """One-process gloo world with Megatron-Core's parallel_state (TP=CP=1) and CPU shims."""
     from megatron.core import parallel_state
 
-    from megatron_anchor import distributed
+    from megatron_anchor import runtime
 
     if not parallel_state.model_parallel_is_initialized():
-        distributed.initialize(1, 1, cpu=True, seed=1234)
+        runtime.initialize(1, 1, cpu=True, seed=1234)
     yield

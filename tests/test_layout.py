@@ -178,8 +178,8 @@ def test_collate_shifts_cu_seqlens():
 
 @pytest.mark.parametrize("kwargs,message", [
     (dict(variant="sliding"), "unknown attention variant"),
-    (dict(variant="anchor"), "needs anchor_token_id"),
-    (dict(variant="full", cp_size=2, seq_length=10), "multiple of 2\\*cp_size"),
+    (dict(variant="anchor"), "needs an anchor token id"),
+    (dict(variant="full", cp_size=2, seq_length=10), "multiple of 2 x --context-parallel-size"),
     (dict(variant="full", documents=[]), "empty document list"),
     (dict(variant="full", documents=[[1], []]), "document 1 is empty"),
     (dict(variant="full", domain_tags=[[3]]), "one per document"),
@@ -213,7 +213,7 @@ def test_interleaved_chunks_permute_positions_keeping_chunk_order(variant, chunk
 
 
 def test_interleaving_is_refused_where_it_has_no_meaning():
-    with pytest.raises(ValueError, match="interleave_chunks"):
+    with pytest.raises(ValueError, match="--interleave-chunks"):
         pack_documents([[1, 2, 3]], 8, "full", interleave_chunks=2)
-    with pytest.raises(ValueError, match="interleave_chunks"):
+    with pytest.raises(ValueError, match="--interleave-chunks"):
         pack_documents([[1, 2, 3]], 8, "intra-doc", interleave_chunks=5)

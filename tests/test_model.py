@@ -9,10 +9,9 @@ from torch import nn
 from megatron_anchor.attention.reference import dense_reference_attention
 from megatron_anchor.cpu import model_parallel_manual_seed
 from megatron_anchor.layout import (
-    DOCUMENT_MASKED_VARIANTS, KIND_ANCHOR, KIND_DOC, KIND_PAD, AnchorPackedSeqParams,
-    pack_documents,
+    DOCUMENT_MASKED_VARIANTS, KIND_ANCHOR, KIND_DOC, KIND_PAD, pack_documents,
 )
-from megatron_anchor.model import ModelConfig, build_model, forward_packed
+from megatron_anchor.model import AnchorPackedSeqParams, ModelConfig, build_model, forward_packed
 from megatron_anchor.rope import apply_rope
 
 ANCHOR = 1

@@ -1,11 +1,8 @@
 #!/usr/bin/env python
-"""Thin wrapper; the logic and --help live in megatron_anchor.data.sample_corpus."""
-import os
+"""Build a multi-domain JSONL corpus from text already on this machine; see --help."""
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_anchor.data.sample_corpus import main  # noqa: E402
+from megatron_anchor.cli.build_sample_corpus import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

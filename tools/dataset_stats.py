@@ -1,11 +1,8 @@
 #!/usr/bin/env python
-"""Thin wrapper; the logic and --help live in megatron_anchor.data.stats."""
-import os
+"""Document-length and window-packing statistics of an indexed dataset; see --help."""
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_anchor.data.stats import main  # noqa: E402
+from megatron_anchor.cli.dataset_stats import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

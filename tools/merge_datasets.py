@@ -1,11 +1,8 @@
 #!/usr/bin/env python
-"""Thin wrapper; the logic and --help live in megatron_anchor.data.merge."""
-import os
+"""Merge indexed-dataset shards and their domain tag stores into one; see --help."""
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_anchor.data.merge import main  # noqa: E402
+from megatron_anchor.cli.merge_datasets import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

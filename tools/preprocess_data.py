@@ -1,11 +1,8 @@
 #!/usr/bin/env python
-"""Thin wrapper; the logic and --help live in megatron_anchor.data.preprocess."""
-import os
+"""JSONL -> Megatron indexed datasets, one sequence per document, with domain tags; see --help."""
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_anchor.data.preprocess import main  # noqa: E402
+from megatron_anchor.cli.preprocess_data import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,11 +1,8 @@
 #!/usr/bin/env python
-"""Thin wrapper; the logic and --help live in megatron_anchor.data.train_tokenizer."""
-import os
+"""Train a byte-level BPE tokenizer.json on JSONL text; see --help."""
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_anchor.data.train_tokenizer import main  # noqa: E402
+from megatron_anchor.cli.train_tokenizer import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

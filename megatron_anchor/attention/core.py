@@ -2,7 +2,7 @@
 
 Megatron-Core's `SelfAttention` computes Q/K/V with its own parallel layers and hands them
 to the spec's `core_attention`. Ours applies RoPE at the explicit per-token positions that
-ride in `AnchorPackedSeqParams.position_ids` (the model is built with
+ride in `model.AnchorPackedSeqParams.position_ids` (the model is built with
 position_embedding_type='none', so Megatron applies none of its own), then runs exact
 packed causal attention over the THD segments.
 """
@@ -24,24 +24,26 @@ def require_packed_positions(packed_seq_params, who: str):
     if packed_seq_params is None or getattr(packed_seq_params, "qkv_format", None) != "thd":
         raise ValueError(
             f"{who} runs on packed THD batches only: build them with "
-            "megatron_anchor.pack_documents(...) and pass batch.to_packed_seq_params()"
+            "megatron_anchor.pack_documents(...) and pass model.packed_seq_params(batch)"
         )
     position_ids = getattr(packed_seq_params, "position_ids", None)
     if position_ids is None:
         raise ValueError(
             f"{who} needs per-token RoPE positions: pass an AnchorPackedSeqParams "
-            "(PackedBatch.to_packed_seq_params()), not a plain PackedSeqParams"
+            "(model.packed_seq_params(batch)), not a plain PackedSeqParams"
         )
     return position_ids
 
 
-def rotate_query_key(query, key, packed_seq_params, rotary_base, rope_fp32):
+def rotate_query_key(query, key, packed_seq_params, rotary_base, rope_fp32, rope_scaling=None):
     """RoPE on q/k [T, H, D]; the FP32 tables are computed once per forward and shared."""
     position_ids = require_packed_positions(packed_seq_params, "AnchorAttention")
     cache = packed_seq_params.__dict__.setdefault("_rope_tables", {})
-    key_ = (query.shape[-1], float(rotary_base), str(query.device))
+    key_ = (query.shape[-1], float(rotary_base), str(query.device),
+            tuple(sorted((rope_scaling or {}).items())))
     if key_ not in cache:
-        cache[key_] = rope_cos_sin(position_ids.to(query.device), query.shape[-1], rotary_base)
+        cache[key_] = rope_cos_sin(position_ids.to(query.device), query.shape[-1], rotary_base,
+                                   rope_scaling)
     cos_sin = cache[key_]
     return (apply_rope(query, position_ids, rotary_base, rope_fp32, cos_sin),
             apply_rope(key, position_ids, rotary_base, rope_fp32, cos_sin))
@@ -62,6 +64,7 @@ class LocalAnchorAttention(MegatronModule):
         pg_collection=None,
         rotary_base: float = 10000.0,
         rope_fp32: bool = True,
+        rope_scaling=None,
         **unused,
     ):
         super().__init__(config=config)
@@ -73,6 +76,7 @@ class LocalAnchorAttention(MegatronModule):
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
         self.rotary_base = rotary_base
         self.rope_fp32 = rope_fp32
+        self.rope_scaling = rope_scaling
         self.layer_number = layer_number
         cp_group = getattr(pg_collection, "cp", None) if pg_collection is not None else None
         self._cp_group = cp_group
@@ -87,7 +91,7 @@ class LocalAnchorAttention(MegatronModule):
         if attention_bias is not None:
             raise ValueError("AnchorAttention does not take an attention bias")
         query, key = rotate_query_key(query, key, packed_seq_params, self.rotary_base,
-                                      self.rope_fp32)
+                                      self.rope_fp32, self.rope_scaling)
         out = packed_causal_attention(
             query, key, value, packed_seq_params.cu_seqlens_q, self.softmax_scale,
             cp_group=self._context_parallel_group())

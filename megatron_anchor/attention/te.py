@@ -19,26 +19,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron_anchor.attention.core import rotate_query_key
 from megatron_anchor.layout import check_cp_divisibility
 
-# TE's CP communication types and the TE version that introduced each for THD.
-CP_COMM_TYPES = ("p2p", "a2a", "all_gather", "a2a+p2p")
-
-
-def transformer_engine_available() -> bool:
-    try:
-        import transformer_engine  # noqa: F401
-        import transformer_engine.pytorch  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
-def require_transformer_engine() -> None:
-    if not transformer_engine_available():
-        raise RuntimeError(
-            "attention backend 'te' needs Transformer Engine, which is not importable here. "
-            "Install it (pip install 'megatron-anchor[te]' on a CUDA machine, or use an NGC "
-            "PyTorch container), or select --attention-backend local"
-        )
+from megatron_anchor.parallel.te_cp import CP_COMM_TYPES
 
 
 def te_anchor_forward_mixin(base):
@@ -48,7 +29,8 @@ def te_anchor_forward_mixin(base):
         def __init__(self, config, layer_number, attn_mask_type=AttnMaskType.padding_causal,
                      attention_type="self", attention_dropout=None, softmax_scale=None,
                      k_channels=None, v_channels=None, cp_comm_type="p2p",
-                     pg_collection=None, rotary_base=10000.0, rope_fp32=True, **kwargs):
+                     pg_collection=None, rotary_base=10000.0, rope_fp32=True,
+                     rope_scaling=None, **kwargs):
             if config.context_parallel_size > 1 and cp_comm_type not in CP_COMM_TYPES:
                 raise ValueError(f"--cp-comm-type {cp_comm_type!r} is not one of "
                                  f"{', '.join(CP_COMM_TYPES)}")
@@ -60,11 +42,12 @@ def te_anchor_forward_mixin(base):
                              v_channels=v_channels, cp_comm_type=cp_comm_type, **extra)
             self.rotary_base = rotary_base
             self.rope_fp32 = rope_fp32
+            self.rope_scaling = rope_scaling
 
         def forward(self, query, key, value, attention_mask=None, attn_mask_type=None,
                     attention_bias=None, packed_seq_params=None, **kwargs):
             query, key = rotate_query_key(query, key, packed_seq_params, self.rotary_base,
-                                          self.rope_fp32)
+                                          self.rope_fp32, self.rope_scaling)
             check_cp_divisibility(packed_seq_params.cu_seqlens_q_padded,
                                   self.config.context_parallel_size)
             # A plain PackedSeqParams; cp_group stays None so TE keeps the CP group it was
@@ -81,7 +64,9 @@ def te_anchor_forward_mixin(base):
 @functools.lru_cache(maxsize=None)
 def te_anchor_attention_class():
     """The real class; raises a clear error where Transformer Engine cannot be imported."""
-    require_transformer_engine()
+    from megatron_anchor.backends import get
+
+    get("te").require_installed()
     from megatron.core.extensions.transformer_engine import TEDotProductAttention
 
     return te_anchor_forward_mixin(TEDotProductAttention)

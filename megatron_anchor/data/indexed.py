@@ -25,7 +25,7 @@ import struct
 import tempfile
 import warnings
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -87,9 +87,28 @@ class DomainStore:
     def name_of(self, document: int) -> str:
         return self.names[int(self.ids[document])]
 
-    def counts(self) -> dict:
-        per_id = np.bincount(self.ids.astype(np.int64), minlength=len(self.names))
-        return {name: int(n) for name, n in zip(self.names, per_id)}
+
+def merge_domain_names(tables: Sequence[Tuple[Sequence[str], Optional[Sequence[int]]]]
+                       ) -> Tuple[List[str], List[Optional[np.ndarray]]]:
+    """Merge per-part domain tables (shards, sources, partitions) into one.
+
+    `tables` holds a `(names, ids)` pair per part (`ids` index `names`, or None when only the
+    names matter). Returns the union of the names in first-appearance order, as one pass over
+    all parts in order would number them, and each part's ids remapped into it (int64).
+    """
+    names: List[str] = []
+    position: Dict[str, int] = {}
+    merged_ids: List[Optional[np.ndarray]] = []
+    for part_names, ids in tables:
+        remap = []
+        for name in part_names:
+            if name not in position:
+                position[name] = len(names)
+                names.append(name)
+            remap.append(position[name])
+        merged_ids.append(None if ids is None else
+                          np.asarray(remap, dtype=np.int64)[np.asarray(ids, dtype=np.int64)])
+    return names, merged_ids
 
 
 def domain_id_dtype(num_names: int):
@@ -198,10 +217,11 @@ class AnchorDataset:
         whole = np.concatenate(parts)
         return whole[offset:None if length is None else offset + length]
 
-    def domain_names_per_document(self, default: str) -> List[str]:
+    def domain_table(self, default: str) -> Tuple[List[str], np.ndarray]:
+        """(names, per-document ids): the tag store's, or every document in `default`."""
         if self.domains is None:
-            return [default] * self.num_documents
-        return [self.domains.names[i] for i in self.domains.ids]
+            return [default], np.zeros(self.num_documents, dtype=np.int64)
+        return list(self.domains.names), self.domains.ids.astype(np.int64)
 
 
 def open_dataset(prefix: str, expected_dtype=None, vocab_size: Optional[int] = None,

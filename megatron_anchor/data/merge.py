@@ -3,16 +3,18 @@
 Like Megatron-LM's `tools/merge_datasets.py` (`--input DIR` takes every `.bin`/`.idx` pair in a
 directory, in sorted order), or `--datasets PREFIX ...` in the order given. The token data and
 index are concatenated by Megatron-Core's `IndexedDatasetBuilder.add_index`. Tag stores are
-merged alongside: the names tables are unioned in first-appearance order and each shard's ids
-are remapped into the union.
+merged alongside (`indexed.merge_domain_names`): the names tables are unioned in
+first-appearance order and each shard's ids are remapped into the union.
+
+`merge_datasets(MergeConfig) -> summary` is the library entry; the flags, the printed summary
+and the exit status are `megatron_anchor.cli.merge_datasets`.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-from typing import List
+from dataclasses import dataclass
+from typing import List, Optional
 
 import numpy as np
 
@@ -23,27 +25,19 @@ from megatron_anchor.data.indexed import (
     dom_path,
     idx_path,
     megatron_indexed,
+    merge_domain_names,
     open_dataset,
     write_domain_store,
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="merge_datasets.py",
-        description="Merge Megatron indexed datasets (.bin/.idx) and their domain tag stores "
-                    "(.dom) into one dataset, shard order preserved.",
-    )
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--input", help="directory holding the shards (every PREFIX.idx with a "
-                                        "PREFIX.bin, merged in sorted order)")
-    source.add_argument("--datasets", nargs="+", help="shard prefixes, merged in this order")
-    parser.add_argument("--output-prefix", required=True, help="prefix of the merged dataset")
-    parser.add_argument("--default-domain", default=None,
-                        help="domain for shards that have no tag store (otherwise mixing tagged "
-                             "and untagged shards is an error)")
-    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
-    return parser
+@dataclass
+class MergeConfig:
+    """Shards to merge, in order, and where to write the result."""
+
+    prefixes: List[str]
+    output_prefix: str
+    default_domain: Optional[str] = None  # for shards without a tag store
 
 
 def shard_prefixes(directory: str) -> List[str]:
@@ -58,9 +52,11 @@ def shard_prefixes(directory: str) -> List[str]:
     return prefixes
 
 
-def merge_datasets(prefixes: List[str], output_prefix: str,
-                   default_domain: str | None = None) -> dict:
-    """Merge `prefixes` (validated first) into `output_prefix`; returns a summary."""
+def merge_datasets(config: MergeConfig) -> dict:
+    """Merge the shards (validated first) into `config.output_prefix`; returns a summary."""
+    prefixes, output_prefix = config.prefixes, config.output_prefix
+    if not prefixes:
+        raise DatasetError("no shards to merge: give --datasets or --input")
     if os.path.abspath(output_prefix) in {os.path.abspath(p) for p in prefixes}:
         raise DatasetError(f"--output-prefix {output_prefix} is one of the inputs")
     shards = [open_dataset(p) for p in prefixes]
@@ -69,7 +65,7 @@ def merge_datasets(prefixes: List[str], output_prefix: str,
         listing = ", ".join(f"{s.prefix} ({np.dtype(s.dtype).name})" for s in shards)
         raise DatasetError(f"cannot merge shards of different token dtypes: {listing}; "
                            "were they tokenized with different tokenizers?")
-    names, ids = _merged_domains(shards, default_domain)
+    names, ids = _merged_domains(shards, config.default_domain)
 
     with AtomicOutput(output_prefix) as output:
         builder = megatron_indexed().IndexedDatasetBuilder(
@@ -98,42 +94,10 @@ def _merged_domains(shards, default_domain):
     if untagged and default_domain is None:
         raise DatasetError(f"shards without a domain tag store: {', '.join(untagged)}; pass "
                            "--default-domain to tag their documents")
-    names: List[str] = []
-    merged_ids = []
-    for shard in shards:
-        shard_names = shard.domains.names if shard.domains else [default_domain]
-        shard_ids = shard.domains.ids if shard.domains else np.zeros(shard.num_documents, np.int64)
-        remap = []
-        for name in shard_names:
-            if name not in names:
-                names.append(name)
-            remap.append(names.index(name))
-        merged_ids.append(np.asarray(remap, dtype=np.int64)[shard_ids.astype(np.int64)])
-    return names, np.concatenate(merged_ids)
+    names, ids = merge_domain_names([s.domain_table(default_domain) for s in shards])
+    return names, np.concatenate(ids)
 
 
 def _counts(names, ids) -> dict:
     per_id = np.bincount(ids, minlength=len(names))
     return {name: int(n) for name, n in zip(names, per_id)}
-
-
-def main(argv=None) -> dict:
-    args = build_parser().parse_args(argv)
-    try:
-        prefixes = args.datasets or shard_prefixes(args.input)
-        summary = merge_datasets(prefixes, args.output_prefix, args.default_domain)
-    except DatasetError as err:
-        raise SystemExit(f"merge_datasets: error: {err}") from None
-    if args.json:
-        print(json.dumps(summary, indent=2))
-    else:
-        print(f"merged {len(prefixes)} shards into {summary['output']}: "
-              f"{summary['documents']:,} documents, {summary['tokens']:,} tokens")
-        if summary["domains"]:
-            print("documents per domain: " + ", ".join(
-                f"{k}={v:,}" for k, v in summary["domains"].items()))
-    return summary
-
-
-if __name__ == "__main__":
-    main()

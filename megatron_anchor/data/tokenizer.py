@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
 from megatron_anchor.data.indexed import DatasetError
@@ -28,6 +29,18 @@ TOKENIZER_TYPES = (
 # Names under which tokenizer files spell their end-of-document / begin-of-sequence tokens.
 EOD_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eot_id|>", "<|im_end|>")
 BOS_CANDIDATES = ("<|bos|>", "<|begin_of_text|>", "<s>", "<bos>", "<|im_start|>")
+
+
+@dataclass
+class TokenizerConfig:
+    """Which tokenizer to build (Megatron-LM's `--tokenizer-type` and its file flags)."""
+
+    tokenizer_type: str
+    tokenizer_model: Optional[str] = None  # HF: tokenizer.json or its directory; SP: .model
+    vocab_file: Optional[str] = None  # GPT2BPETokenizer: vocab.json
+    merge_file: Optional[str] = None  # GPT2BPETokenizer: merges.txt
+    vocab_size: Optional[int] = None  # NullTokenizer: number of ids (EOD is the extra id)
+    eod_token: Optional[str] = None  # HF: name of the end-of-document token
 
 
 class HuggingFaceTokenizer:
@@ -143,8 +156,9 @@ class ByteTokenizer:
         return [list(text.encode("utf-8")) for text in texts]
 
 
-def build_tokenizer(args) -> object:
-    """The tokenizer named by `args.tokenizer_type` (an argparse namespace)."""
+def build_tokenizer(args: TokenizerConfig) -> object:
+    """The tokenizer named by `args.tokenizer_type` (a `TokenizerConfig`, or any object with
+    its fields)."""
     kind = args.tokenizer_type
     if kind == "HuggingFaceTokenizer":
         if not args.tokenizer_model:
@@ -160,19 +174,3 @@ def build_tokenizer(args) -> object:
     if kind == "ByteTokenizer":
         return ByteTokenizer()
     raise DatasetError(f"unknown --tokenizer-type {kind!r}; choose one of {', '.join(TOKENIZER_TYPES)}")
-
-
-def add_tokenizer_args(parser) -> None:
-    group = parser.add_argument_group("tokenizer")
-    group.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES,
-                       help="what kind of tokenizer to use")
-    group.add_argument("--tokenizer-model", default=None,
-                       help="HuggingFaceTokenizer: tokenizer.json or a directory holding one; "
-                            "SentencePieceTokenizer: the .model file")
-    group.add_argument("--vocab-file", default=None, help="GPT2BPETokenizer: vocab.json")
-    group.add_argument("--merge-file", default=None, help="GPT2BPETokenizer: merges.txt")
-    group.add_argument("--vocab-size", type=int, default=None,
-                       help="NullTokenizer: number of ids (EOD is the extra id VOCAB_SIZE)")
-    group.add_argument("--eod-token", default=None,
-                       help="HuggingFaceTokenizer: name of the end-of-document token, when it is "
-                            "not one of " + ", ".join(EOD_CANDIDATES))

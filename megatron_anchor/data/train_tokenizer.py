@@ -10,19 +10,49 @@ tokens are the ones the rest of the project looks up by name:
 Training is deterministic: documents are fed in file order and `tokenizers`' BPE trainer
 breaks count ties by the pair itself. The result loads with
 `--tokenizer-type HuggingFaceTokenizer --tokenizer-model tokenizer.json`.
+
+`train_tokenizer(TokenizerTrainingConfig) -> summary` is the library entry; the flags and the
+printed summary are `megatron_anchor.cli.train_tokenizer`.
 """
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
 import os
-from typing import Iterator, List
+from dataclasses import dataclass
+from typing import Iterator, List, Optional
 
 from megatron_anchor.data.indexed import DatasetError
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|bos|>", "<|pad|>"]
+
+
+@dataclass
+class TokenizerTrainingConfig:
+    """The corpus, the vocabulary size and where to write `tokenizer.json`."""
+
+    input_files: List[str]  # JSONL, plain or .gz
+    output: str  # path of the tokenizer.json to write
+    vocab_size: int = 8192
+    json_key: str = "text"
+    min_frequency: int = 2  # minimum pair count for a merge
+    max_documents: Optional[int] = None  # train on the first N documents only
+    show_progress: bool = False
+
+
+def validate(config: TokenizerTrainingConfig) -> TokenizerTrainingConfig:
+    missing = [p for p in config.input_files if not os.path.isfile(p)]
+    if not config.input_files or missing:
+        raise DatasetError(f"--input: no such file: {missing[0] if missing else '(none given)'}")
+    minimum = len(SPECIAL_TOKENS) + 256 + 1
+    if config.vocab_size < minimum:
+        raise DatasetError(f"--vocab-size must be at least {minimum} (the 256 bytes, the "
+                           f"{len(SPECIAL_TOKENS)} special tokens and one merge), got "
+                           f"{config.vocab_size}")
+    if config.max_documents is not None and config.max_documents < 1:
+        raise DatasetError(f"--max-documents must be >= 1, got {config.max_documents}")
+    return config
 
 
 def iter_texts(paths: List[str], json_key: str) -> Iterator[str]:
@@ -30,15 +60,21 @@ def iter_texts(paths: List[str], json_key: str) -> Iterator[str]:
     for path in paths:
         opener = gzip.open if path.endswith(".gz") else open
         with opener(path, "rt", encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    text = json.loads(line)[json_key]
-                except (json.JSONDecodeError, KeyError, TypeError) as err:
-                    raise DatasetError(f"{path}:{line_no}: cannot read {json_key!r} ({err!r})") from None
-                if isinstance(text, str):
-                    yield text
+            line_no = 0
+            try:
+                for line_no, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        text = json.loads(line)[json_key]
+                    except (json.JSONDecodeError, KeyError, TypeError) as err:
+                        raise DatasetError(f"{path}:{line_no}: cannot read {json_key!r} "
+                                           f"({err!r})") from None
+                    if isinstance(text, str):
+                        yield text
+            except UnicodeDecodeError as err:
+                raise DatasetError(f"{path}:{line_no + 1}: invalid UTF-8 at byte "
+                                   f"{err.start}") from None
 
 
 def build_bpe_tokenizer():
@@ -51,64 +87,30 @@ def build_bpe_tokenizer():
     return tokenizer
 
 
-def train_tokenizer(paths: List[str], output: str, vocab_size: int = 8192, json_key: str = "text",
-                    min_frequency: int = 2, max_documents: int | None = None,
-                    show_progress: bool = False) -> dict:
+def train_tokenizer(config: TokenizerTrainingConfig) -> dict:
+    """Train and write `config.output`; returns the vocabulary size and special-token ids."""
     from tokenizers import pre_tokenizers, trainers
 
+    validate(config)
+    output = config.output
     tokenizer = build_bpe_tokenizer()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        min_frequency=min_frequency,
+        vocab_size=config.vocab_size,
+        min_frequency=config.min_frequency,
         special_tokens=SPECIAL_TOKENS,
         # All 256 bytes, so any text (any language, any binary junk) stays encodable.
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=show_progress,
+        show_progress=config.show_progress,
     )
-    texts = iter_texts(paths, json_key)
-    if max_documents is not None:
-        texts = (t for i, t in zip(range(max_documents), texts))
+    texts = iter_texts(config.input_files, config.json_key)
+    if config.max_documents is not None:
+        texts = (t for i, t in zip(range(config.max_documents), texts))
     tokenizer.train_from_iterator(texts, trainer=trainer)
     if tokenizer.get_vocab_size() <= len(SPECIAL_TOKENS) + 256:
-        raise DatasetError(f"{', '.join(paths)}: no text to train on")
+        raise DatasetError(f"{', '.join(config.input_files)}: no text to train on")
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     tmp = output + f".tmp-{os.getpid()}"
     tokenizer.save(tmp, pretty=True)
     os.replace(tmp, output)
     return {"output": output, "vocab_size": tokenizer.get_vocab_size(),
             "special_tokens": {t: tokenizer.token_to_id(t) for t in SPECIAL_TOKENS}}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="train_tokenizer.py",
-        description="Train a byte-level BPE tokenizer.json on JSONL text, with special tokens "
-                    + ", ".join(SPECIAL_TOKENS) + " (EOD, BOS/anchor, pad).",
-    )
-    parser.add_argument("--input", required=True, nargs="+", help="JSONL file(s), plain or .gz")
-    parser.add_argument("--json-key", default="text", help="key holding the text")
-    parser.add_argument("--vocab-size", type=int, default=8192, help="target vocabulary size")
-    parser.add_argument("--min-frequency", type=int, default=2,
-                        help="minimum pair count for a merge")
-    parser.add_argument("--max-documents", type=int, default=None,
-                        help="train on the first N documents only")
-    parser.add_argument("--output", required=True, help="path of the tokenizer.json to write")
-    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
-    return parser
-
-
-def main(argv=None) -> dict:
-    args = build_parser().parse_args(argv)
-    try:
-        summary = train_tokenizer(args.input, args.output, args.vocab_size, args.json_key,
-                                  args.min_frequency, args.max_documents)
-    except (DatasetError, OSError) as err:
-        raise SystemExit(f"train_tokenizer: error: {err}") from None
-    print(json.dumps(summary, indent=2) if args.json else
-          f"wrote {summary['output']} (vocab {summary['vocab_size']}, special tokens "
-          + ", ".join(f"{k}={v}" for k, v in summary["special_tokens"].items()) + ")")
-    return summary
-
-
-if __name__ == "__main__":
-    main()

@@ -11,16 +11,29 @@ The plan is computed up front as numpy arrays (and cached on disk if asked):
 
 * the stream: entries ``(source, document, start, stop)`` in packing order (a document is one
   entry; interleaved-chunk ablations make each chunk an entry);
-* the sample index: for window i, the stream position and token offset where it starts.
+* the sample index: for window w (in packing order), the stream position and token offset
+  where it starts;
+* the shuffle index: sample i is window ``order[i]`` (``blocks[w]``: the epoch, or blend
+  block, of window w). As in Megatron's GPTDataset
+  (`shuffle_index`), the packed windows are served in a seeded random order on top of the
+  per-epoch document shuffle, so consecutive training steps do not walk through one long
+  document window after window. The windows are shuffled *within each epoch* (the windows
+  that start in that epoch's part of the stream; Megatron shuffles all full epochs together),
+  and an epoch that the run only partly needs is still packed to its end and shuffled whole,
+  so the served samples are a random draw from it and sample i does not depend on how many
+  samples are asked for (a longer --train-iters keeps the earlier steps' data).
 
-So `dataset[i]` only reads the documents of window i (O(window)), random access works, and
+So `dataset[i]` only reads the documents of one window (O(window)), random access works, and
 resuming at sample i needs nothing but i. Within an epoch every document of the split appears
-exactly once (cut documents continue in the next window), unless `drop_last` is asked for.
+exactly once (cut documents continue in the next window), unless `drop_last` is asked for;
+the samples of epoch e are served before any sample of epoch e+1.
 
 Epochs: without weights all sources form one pool, shuffled per epoch, and the default length
 is exactly one epoch. With weights, each source is shuffled and cycled on its own, and the
 stream takes the next document from the source furthest below its token share (the weights
-are token shares); each source's epoch still holds each of its documents exactly once.
+are token shares); each source's epoch still holds each of its documents exactly once. A
+blend has no common epoch, so its windows are shuffled in blocks of one "blend epoch": as many
+windows as one pass over the split's tokens.
 """
 
 from __future__ import annotations
@@ -39,7 +52,7 @@ import torch
 from megatron_anchor.data.indexed import DatasetError, file_sha256, idx_path, open_dataset
 
 SPLIT_NAMES = ("train", "valid", "test")
-INDEX_FORMAT_VERSION = 1
+INDEX_FORMAT_VERSION = 2  # 2: the shuffle index (window order) is part of the cache
 
 
 # ----------------------------------------------------------------------------------------
@@ -58,7 +71,10 @@ class WindowConfig:
     split_name: str = "train"
     # Windows to build; None: one epoch (weighted blends: total tokens / seq_length windows).
     num_samples: Optional[int] = None
-    shuffle: bool = True
+    shuffle: bool = True  # shuffle the documents of each epoch
+    # Shuffle the packed windows within each epoch (Megatron's shuffle_index); None: as
+    # `shuffle`. False serves windows in packing order (ablation / diagnostics).
+    shuffle_samples: Optional[bool] = None
     # UpSampledMix: keep this fraction of the documents shorter than the threshold, chosen
     # per (source, domain) so the source mix is kept. 1.0 keeps everything.
     short_doc_keep_fraction: float = 1.0
@@ -172,6 +188,7 @@ class _Stream:
     def __init__(self, dataset: "WindowDataset"):
         self.dataset = dataset
         self.pieces: List[Tuple[int, int, int, int]] = []
+        self.piece_epochs: List[int] = []  # pooled stream: the epoch each piece belongs to
         self.cumulative = [0]
         self.epoch = 0
         self._zeros = np.zeros(0, dtype=np.int64)
@@ -186,6 +203,7 @@ class _Stream:
     def _append(self, pieces) -> None:
         for piece in pieces:
             self.pieces.append(piece)
+            self.piece_epochs.append(self.epoch)
             self.cumulative.append(self.cumulative[-1] + piece[3] - piece[2])
 
     def ensure_tokens_after(self, pos: int, offset: int, tokens: int) -> None:
@@ -318,13 +336,20 @@ class WindowDataset(torch.utils.data.Dataset):
         if path and os.path.isfile(path):
             with np.load(path) as cached:
                 self.stream, self.starts = cached["stream"], cached["starts"]
+                self.order, self.blocks = cached["order"], cached["blocks"]
             return
-        self.stream, self.starts = self._build_index()
+        self.stream, self.starts, self.order, self.blocks = self._build_index()
         if path:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             tmp = f"{path}.tmp-{os.getpid()}.npz"
-            np.savez(tmp, stream=self.stream, starts=self.starts)
+            np.savez(tmp, stream=self.stream, starts=self.starts, order=self.order,
+                     blocks=self.blocks)
             os.replace(tmp, path)
+
+    @property
+    def shuffles_samples(self) -> bool:
+        cfg = self.config
+        return cfg.shuffle if cfg.shuffle_samples is None else bool(cfg.shuffle_samples)
 
     def _cache_path(self) -> Optional[str]:
         if not self.config.index_cache_dir:
@@ -341,21 +366,37 @@ class WindowDataset(torch.utils.data.Dataset):
         cfg = self.config
         if cfg.num_samples is not None or self.weights is None:
             return cfg.num_samples
+        return self._blend_epoch_windows()
+
+    def _blend_epoch_windows(self) -> int:
+        """Windows of one pass over the split's tokens (a blend's shuffle block)."""
         split_tokens = sum(int(self._lengths[s][d].sum()) for s, d in enumerate(self._documents))
-        return math.ceil(split_tokens / cfg.seq_length)
+        return max(1, math.ceil(split_tokens / self.config.seq_length))
 
     def _build_index(self):
         """Pack the whole stream once with token-free stand-in documents, recording where
         each window starts. Slot use depends only on lengths and tags, never on token values
-        (checked again on every real read in `__getitem__`)."""
+        (checked again on every real read in `__getitem__`). With the sample shuffle, the
+        epoch (block) holding the last wanted sample is packed to its end."""
         wanted = self._num_windows_wanted()
+        shuffle = self.shuffles_samples
+        block_size = self._blend_epoch_windows() if self.weights is not None else None
         stream = _Stream(self)
         pos, offset, starts, ran_dry = 0, 0, [(0, 0)], False
-        while wanted is None or len(starts) - 1 < wanted:
+        blocks: List[int] = []  # shuffle block (epoch) of each window
+        while True:
+            built = len(starts) - 1
+            enough = wanted is not None and built >= wanted
+            if enough and not shuffle:
+                break
             if wanted is not None:  # keep at least a window of tokens ahead (next epochs)
                 stream.ensure_tokens_after(pos, offset, self.config.seq_length)
             if pos >= len(stream.pieces):
                 break  # the epoch is fully packed
+            block = built // block_size if block_size else stream.piece_epochs[pos]
+            if enough and (not blocks or block != blocks[-1]):
+                break  # enough windows, and the last one's epoch (block) is complete
+            blocks.append(block)
             window = stream.window_from(pos, offset, self.config.seq_length)
             docs = [stream.zeros(stop - start - (offset if k == 0 else 0))
                     for k, (_, _, start, stop) in enumerate(window)]
@@ -365,8 +406,23 @@ class WindowDataset(torch.utils.data.Dataset):
             ran_dry = pos >= len(stream.pieces) and int(batch.document_ids[-1]) < 0
         if self.config.drop_last and len(starts) > 1 and ran_dry:
             starts.pop()  # the final window was not full
+            blocks.pop()
         pieces = np.asarray(stream.pieces, dtype=np.int64).reshape(-1, 4)
-        return pieces, np.asarray(starts, dtype=np.int64)
+        served = len(blocks) if wanted is None else min(wanted, len(blocks))
+        blocks = np.asarray(blocks, dtype=np.int64)
+        order = (self._shuffle_index(blocks) if shuffle
+                 else np.arange(len(blocks), dtype=np.int64))
+        return pieces, np.asarray(starts, dtype=np.int64), order[:served], blocks
+
+    def _shuffle_index(self, blocks: np.ndarray) -> np.ndarray:
+        """Windows in serving order: each block (epoch) in turn, its windows permuted by a
+        generator seeded with (seed, block), so an order never depends on the run length."""
+        order = []
+        for block in np.unique(blocks):
+            members = np.flatnonzero(blocks == block)
+            rng = np.random.default_rng([self.config.seed, int(block), 3])
+            order.append(members[rng.permutation(len(members))])
+        return np.concatenate(order).astype(np.int64) if order else np.zeros(0, np.int64)
 
     @staticmethod
     def _advance(pieces, pos: int, offset: int, consumed) -> Tuple[int, int]:
@@ -391,17 +447,27 @@ class WindowDataset(torch.utils.data.Dataset):
     # -- reading windows ----------------------------------------------------------------------
 
     def __len__(self) -> int:
+        return len(self.order)
+
+    @property
+    def num_windows(self) -> int:
+        """Windows packed (whole epochs when shuffled; `len(self)` of them are served)."""
         return len(self.starts) - 1
 
-    def window_pieces(self, index: int) -> List[Tuple[int, int, int, int]]:
-        """What window `index` holds: ``(source, document, first, stop)`` per document piece
-        in packing order (tokens first..stop-1 of that document are placed)."""
+    def window_index(self, index: int) -> int:
+        """The packed window that sample `index` serves (`order[index]`)."""
         if not 0 <= index < len(self):
-            raise IndexError(f"window {index} out of range 0..{len(self) - 1}")
-        return [(s, d, first, placed_stop) for s, d, first, placed_stop, _ in self._placed(index)]
+            raise IndexError(f"sample {index} out of range 0..{len(self) - 1}")
+        return int(self.order[index])
 
-    def _placed(self, index: int):
-        (pos, offset), (end_pos, end_offset) = self.starts[index], self.starts[index + 1]
+    def window_pieces(self, index: int) -> List[Tuple[int, int, int, int]]:
+        """What sample `index` holds: ``(source, document, first, stop)`` per document piece
+        in packing order (tokens first..stop-1 of that document are placed)."""
+        window = self.window_index(index)
+        return [(s, d, first, placed_stop) for s, d, first, placed_stop, _ in self._placed(window)]
+
+    def _placed(self, window: int):
+        (pos, offset), (end_pos, end_offset) = self.starts[window], self.starts[window + 1]
         last = end_pos + (1 if end_offset > 0 else 0)
         for k in range(int(pos), int(last)):
             s, d, start, stop = (int(x) for x in self.stream[k])
@@ -410,9 +476,8 @@ class WindowDataset(torch.utils.data.Dataset):
             yield s, d, first, placed_stop, stop
 
     def __getitem__(self, index: int):
-        if not 0 <= index < len(self):
-            raise IndexError(f"window {index} out of range 0..{len(self) - 1}")
-        placed = list(self._placed(index))
+        window = self.window_index(index)
+        placed = list(self._placed(window))
         # Pass each document's remainder, not just the placed part: a cut document's last
         # slot is trained on the token that opens the next window.
         docs = [self.sources[s].document(d, offset=first, length=stop - first)
@@ -421,16 +486,85 @@ class WindowDataset(torch.utils.data.Dataset):
         got = [n for _, n in batch.consumed if n > 0]
         want = [placed_stop - first for _, _, first, placed_stop, _ in placed]
         if got != want:
-            raise DatasetError(f"window {index}: the packer placed {got} tokens per document but "
+            raise DatasetError(f"window {window}: the packer placed {got} tokens per document but "
                                f"the sample index expects {want}; the index cache is stale "
                                "(delete it) or the layout changed")
         return batch
 
     def state(self) -> dict:
         """What identifies this plan (for logs and checkpoints)."""
-        return {"windows": len(self), "stream_entries": int(len(self.stream)),
+        return {"windows": len(self), "packed_windows": self.num_windows,
+                "shuffled_samples": self.shuffles_samples,
+                "stream_entries": int(len(self.stream)),
                 "documents_per_source": [int(len(d)) for d in self._documents],
                 "domains": self.domain_names}
+
+
+# ----------------------------------------------------------------------------------------
+# Measures of a sample order and of a set of windows
+# ----------------------------------------------------------------------------------------
+
+def consecutive_step_overlap(dataset: WindowDataset, global_batch_size: int,
+                             num_steps: Optional[int] = None) -> float:
+    """Share of consecutive training steps that hold a piece of the same document.
+
+    Step i holds samples ``[i*G, (i+1)*G)`` (G = `global_batch_size`, the trainer's data
+    position); a document is ``(source, document)``. Returns the share of the pairs
+    (i, i+1), i < num_steps-1, whose document sets intersect (0.0 with fewer than 2 steps).
+    """
+    if global_batch_size < 1:
+        raise ValueError(f"global_batch_size must be >= 1, got {global_batch_size}")
+    available = len(dataset) // global_batch_size
+    steps = available if num_steps is None else min(num_steps, available)
+    previous, shared = None, 0
+    for step in range(steps):
+        docs = {(s, d) for i in range(step * global_batch_size, (step + 1) * global_batch_size)
+                for s, d, _, _ in dataset.window_pieces(i)}
+        if previous is not None and docs & previous:
+            shared += 1
+        previous = docs
+    return shared / (steps - 1) if steps > 1 else 0.0
+
+
+def target_counts(dataset: WindowDataset, samples: Optional[Sequence[int]] = None,
+                  max_tokens: Optional[int] = None, vocab_size: int = 0) -> np.ndarray:
+    """How often each token id is a trained target in these samples (default: all), reading
+    samples in order until `max_tokens` targets are counted."""
+    total = np.zeros(vocab_size, dtype=np.int64)
+    for i in range(len(dataset)) if samples is None else samples:
+        batch = dataset[i]
+        targets = batch.labels[batch.loss_mask.bool()].numpy().astype(np.int64)
+        if len(targets):
+            n = max(len(total), int(targets.max()) + 1)
+            total = np.pad(total, (0, n - len(total)))
+            total += np.bincount(targets, minlength=n)
+        if max_tokens is not None and total.sum() >= max_tokens:
+            break
+    return total
+
+
+def unigram_cross_entropy(targets: np.ndarray, reference: np.ndarray, vocab_size: int) -> float:
+    """Cross-entropy (nats per target) of target counts `targets` under the unigram model
+    fitted on `reference` counts with add-one smoothing over `vocab_size` tokens: the loss of
+    a model that knows only the training token frequencies. A language model's validation
+    loss below it has learned more than word frequencies."""
+    vocab_size = max(vocab_size, len(targets), len(reference))
+    t = np.pad(targets, (0, vocab_size - len(targets))).astype(np.float64)
+    r = np.pad(reference, (0, vocab_size - len(reference))).astype(np.float64)
+    if t.sum() == 0:
+        raise DatasetError("no trained targets to score")
+    q = (r + 1.0) / (r.sum() + vocab_size)
+    return float(-(t * np.log(q)).sum() / t.sum())
+
+
+def validation_unigram_cross_entropy(train: WindowDataset, valid: WindowDataset,
+                                     vocab_size: int, max_train_tokens: int = 1 << 23) -> float:
+    """`unigram_cross_entropy` of all validation targets under the training samples' unigram
+    distribution (the first samples, up to `max_train_tokens` targets: a random draw of the
+    epoch, since samples are shuffled)."""
+    return unigram_cross_entropy(target_counts(valid, vocab_size=vocab_size),
+                                 target_counts(train, max_tokens=max_train_tokens,
+                                               vocab_size=vocab_size), vocab_size)
 
 
 def domain_tag_ids_from_tokenizer(tokenizer_json: str, names: Sequence[str],

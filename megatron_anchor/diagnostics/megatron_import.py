@@ -23,10 +23,9 @@ from typing import Optional
 
 import torch
 
+from megatron_anchor import runtime
+from megatron_anchor.convert import mapping
 from megatron_anchor.diagnostics.reference_llama import LlamaConfig
-
-MODEL_CONFIG_FILE = "model_config.json"
-
 
 def model_config_for(cfg: LlamaConfig, rope_fp32: bool = True, bf16: bool = False):
     from megatron_anchor.model import ModelConfig
@@ -54,34 +53,18 @@ def llama_config_from_model_config(mcfg) -> LlamaConfig:
 # Name and layout mapping
 # ---------------------------------------------------------------------------------------
 
+# The layout rules live once, in megatron_anchor.convert.mapping (shared with the HF importer).
+
 def fuse_qkv(wq, wk, wv, cfg: LlamaConfig) -> torch.Tensor:
     """Per query group [its q heads, k, v] rows, as Megatron-Core splits `linear_qkv`."""
-    G, D, d = cfg.num_query_groups, cfg.head_dim, cfg.hidden_size
-    q = wq.reshape(G, cfg.num_attention_heads // G * D, d)
-    return torch.cat([q, wk.reshape(G, D, d), wv.reshape(G, D, d)], dim=1).reshape(-1, d)
+    return mapping.fuse_qkv(wq, wk, wv, cfg.num_attention_heads, cfg.num_query_groups)
 
 
 def split_qkv(fused, cfg: LlamaConfig):
-    G, D, d = cfg.num_query_groups, cfg.head_dim, cfg.hidden_size
-    per_group = cfg.num_attention_heads // G * D
-    grouped = fused.reshape(G, per_group + 2 * D, d)
-    wq, wk, wv = grouped.split([per_group, D, D], dim=1)
-    return wq.reshape(-1, d), wk.reshape(-1, d), wv.reshape(-1, d)
+    return mapping.split_qkv(fused, cfg.num_attention_heads, cfg.num_query_groups, cfg.head_dim)
 
 
-def _pad_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:
-    if weight.shape[0] == rows:
-        return weight
-    return torch.cat([weight, weight.new_zeros(rows - weight.shape[0], weight.shape[1])])
-
-
-def _norm_key(state_keys, layer: int, which: str) -> str:
-    """Local spec: separate norm modules; TE spec: norm fused into the next linear."""
-    p = f"decoder.layers.{layer}."
-    separate = p + ("input_layernorm.weight" if which == "attn" else "pre_mlp_layernorm.weight")
-    fused = p + ("self_attention.linear_qkv.layer_norm_weight" if which == "attn"
-                 else "mlp.linear_fc1.layer_norm_weight")
-    return separate if separate in state_keys else fused
+_pad_rows, _norm_key = mapping.pad_rows, mapping.norm_key
 
 
 def megatron_state_from_reference(weights: dict, cfg: LlamaConfig, state_keys,
@@ -109,7 +92,8 @@ def reference_weights_from_megatron(state: dict, cfg: LlamaConfig) -> dict:
     V, keys = cfg.vocab_size, set(state)
     weights = {
         "embedding": state["embedding.word_embeddings.weight"][:V],
-        "output": state["output_layer.weight"][:V],
+        # Tied embeddings have no output layer of their own.
+        "output": state.get("output_layer.weight", state["embedding.word_embeddings.weight"])[:V],
         "final_norm": state["decoder.final_layernorm.weight"],
     }
     for i in range(cfg.num_layers):
@@ -131,22 +115,12 @@ def reference_weights_from_megatron(state: dict, cfg: LlamaConfig) -> dict:
 # Building, loading, saving
 # ---------------------------------------------------------------------------------------
 
-def ensure_parallel_state() -> None:
-    """A one-rank CPU world (TP=CP=1) unless the caller initialised one already."""
-    from megatron.core import parallel_state
-
-    if not parallel_state.model_parallel_is_initialized():
-        from megatron_anchor import distributed
-
-        distributed.initialize(cpu=not torch.cuda.is_available())
-
-
 def build_megatron_model(cfg: LlamaConfig, weights: dict, rope_fp32: bool = True,
                          bf16: bool = False):
     """Our Megatron-Core GPTModel (TP=1) holding `weights`. Returns (model, ModelConfig)."""
     from megatron_anchor.model import build_model
 
-    ensure_parallel_state()
+    runtime.ensure_initialized()
     mcfg = model_config_for(cfg, rope_fp32=rope_fp32, bf16=bf16)
     model = build_model(mcfg)
     state_keys = set(model.state_dict())
@@ -169,52 +143,11 @@ def megatron_logits(model, tokens: torch.Tensor) -> torch.Tensor:
     return logits.float()
 
 
-def save_checkpoint(model, mcfg, directory: Path) -> str:
-    """Megatron-LM layout: `release/` (dist_checkpointing, model under "model"), the
-    `latest_checkpointed_iteration.txt` tracker, and model_config.json to rebuild the model.
+def load_reference(path: os.PathLike):
+    """(LlamaConfig, reference weights) of any checkpoint the project writes."""
+    from megatron_anchor import checkpoint
 
-    That is what `--load` of Megatron-LM and of this project's tools reads.
-    """
-    from megatron.core import dist_checkpointing
-
-    release = directory / "release"
-    release.mkdir(parents=True, exist_ok=True)
-    dist_checkpointing.save({"model": model.sharded_state_dict()}, str(release))
-    (directory / "latest_checkpointed_iteration.txt").write_text("release")
-    (directory / MODEL_CONFIG_FILE).write_text(mcfg.to_json())
-    return str(release)
-
-
-def checkpoint_iteration_dir(directory: Path) -> Path:
-    """A Megatron-LM checkpoint root (tracker file) or one iteration directory."""
-    tracker = directory / "latest_checkpointed_iteration.txt"
-    if tracker.exists():
-        iteration = tracker.read_text().strip()
-        return directory / ("release" if iteration == "release" else f"iter_{int(iteration):07d}")
-    return directory
-
-
-def find_model_config(directory: Path) -> Path:
-    for candidate in (directory / MODEL_CONFIG_FILE, directory.parent / MODEL_CONFIG_FILE):
-        if candidate.exists():
-            return candidate
-    raise FileNotFoundError(
-        f"no {MODEL_CONFIG_FILE} in {directory} or its parent: --load expects a checkpoint "
-        "written by megatron-anchor-import-smollm2 (or one with the same model_config.json)")
-
-
-def load_checkpoint(directory: os.PathLike):
-    """(LlamaConfig, reference weights) from a Megatron checkpoint with a model_config.json."""
-    from megatron.core import dist_checkpointing
-    from megatron_anchor.model import ModelConfig, build_model
-
-    directory = Path(directory)
-    mcfg = ModelConfig.from_dict(json.loads(find_model_config(directory).read_text()))
-    ensure_parallel_state()
-    model = build_model(mcfg)
-    state = dist_checkpointing.load({"model": model.sharded_state_dict()},
-                                    str(checkpoint_iteration_dir(directory)))
-    model.load_state_dict(state["model"], strict=False)
+    model, mcfg = checkpoint.load_model(str(path))
     cfg = llama_config_from_model_config(mcfg)
     return cfg, reference_weights_from_megatron(model.state_dict(), cfg)
 
@@ -226,9 +159,10 @@ def default_validation_tokens(tokenizer, count: int, text_path: Optional[str] = 
     return torch.tensor(ids[:count]), path
 
 
-def convert_and_save(smol, out: Path, validate_tokens: int = 256,
-                     validate_text: Optional[str] = None) -> dict:
+def convert_and_save(smol, out: Path, tokenizer_dir: Optional[str] = None,
+                     validate_tokens: int = 256, validate_text: Optional[str] = None) -> dict:
     """Build the Megatron model from SmolLM2, check it against the reference, save it."""
+    from megatron_anchor import checkpoint
     from megatron_anchor.diagnostics.reference_llama import ReferenceLlama
 
     model, mcfg = build_megatron_model(smol.config, smol.weights)
@@ -249,7 +183,8 @@ def convert_and_save(smol, out: Path, validate_tokens: int = 256,
             "perplexity": float(torch.exp(nll)),
             "seconds": round(time.time() - start, 1),
         }
-    summary["checkpoint"] = save_checkpoint(model, mcfg, out)
-    summary["tokenizer"] = str(out / "tokenizer.json")
-    (out / "import_summary.json").write_text(json.dumps(summary, indent=2))
+    summary["checkpoint"] = checkpoint.save_model(model, mcfg, str(out),
+                                                  tokenizer_dir=tokenizer_dir,
+                                                  extra_json={"import_summary.json": summary})
+    summary["tokenizer"] = checkpoint.tokenizer_dir(str(out))
     return summary

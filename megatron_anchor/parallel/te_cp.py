@@ -22,6 +22,10 @@ from typing import Optional
 
 CP_COMM_TYPES = ("p2p", "a2a", "all_gather", "a2a+p2p")
 
+
+class TEVersionError(ValueError):
+    """A CP communication type the installed Transformer Engine cannot run on THD batches."""
+
 # Oldest Transformer Engine whose CP implementation accepts qkv_format="thd".
 THD_MIN_TE_VERSION = {
     "p2p": (1, 13),
@@ -59,24 +63,24 @@ def installed_te_version() -> Optional[str]:
 def check_te_cp_comm_type(cp_comm_type: str, context_parallel_size: int,
                           te_version: Optional[str] = None,
                           heads_per_tp_rank: Optional[tuple[int, int]] = None) -> None:
-    """Raise ValueError when TE `te_version` cannot run THD batches with this CP setup.
+    """Raise TEVersionError when TE `te_version` cannot run THD batches with this CP setup.
 
     `heads_per_tp_rank`: (query heads, key/value heads) per TP rank, checked for ``a2a``.
     """
     if context_parallel_size <= 1:
         return
     if cp_comm_type not in CP_COMM_TYPES:
-        raise ValueError(f"--cp-comm-type {cp_comm_type!r} is not one of "
+        raise TEVersionError(f"--cp-comm-type {cp_comm_type!r} is not one of "
                          f"{', '.join(CP_COMM_TYPES)}")
     te_version = te_version if te_version is not None else installed_te_version()
     if te_version is None:
-        raise ValueError("the te attention backend with context parallelism needs Transformer "
+        raise TEVersionError("the te attention backend with context parallelism needs Transformer "
                          "Engine; it is not installed (use --attention-backend local)")
     needed = THD_MIN_TE_VERSION[cp_comm_type]
     if _version_tuple(te_version) < needed:
         supported = [t for t in CP_COMM_TYPES
                      if _version_tuple(te_version) >= THD_MIN_TE_VERSION[t]]
-        raise ValueError(
+        raise TEVersionError(
             f"Transformer Engine {te_version} cannot run packed (THD) batches with "
             f"--cp-comm-type {cp_comm_type}: that needs TE >= "
             f"{'.'.join(map(str, needed))}. With this TE use --cp-comm-type "
@@ -85,7 +89,7 @@ def check_te_cp_comm_type(cp_comm_type: str, context_parallel_size: int,
     if cp_comm_type == "a2a" and heads_per_tp_rank is not None \
             and any(h % context_parallel_size for h in heads_per_tp_rank):
         q_heads, kv_heads = heads_per_tp_rank
-        raise ValueError(
+        raise TEVersionError(
             f"--cp-comm-type a2a scatters attention heads over CP ranks: {q_heads} query and "
             f"{kv_heads} key/value heads per TP rank must both divide by "
             f"CP={context_parallel_size}; use p2p"

@@ -33,37 +33,26 @@ Exit status: 0 when every figure is within tolerance (`--fp32-rtol` for fp32 run
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
-import os
 import sys
 import time
-from dataclasses import dataclass
-from typing import Callable, Optional
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_anchor import runtime
 from megatron_anchor.parallel.layouts import (
-    Layout, check_world_size, common_cp_multiple, is_first_replica, parse_layouts, use_layout,
-    world_rank,
+    Layout, check_world_size, common_cp_multiple, is_first_replica, use_layout, world_rank,
 )
-from megatron_anchor.parallel.te_cp import CP_COMM_TYPES, check_te_cp_comm_type
 
 # Megatron-Core (and everything of ours that imports it) is imported inside the functions
-# that need it, after argument parsing, so --help answers at once.
+# that need it, so the command line answers --help at once.
 
 DTYPES = ("fp32", "bf16")
-VARIANT_NAMES = "full, intra-doc, intra-doc-reset, anchor"
-MODEL_CONFIG_FILE = "model_config.json"
-
-
-# ----------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------
 
 READING_GUIDE = """\
 reading the table (each layout against the first, per variant and dtype):
@@ -79,138 +68,65 @@ bf16. A wrong CP layout or TP split shows up as rel >> 1e-3 and low top-1.
 """
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter,
-                     argparse.RawDescriptionHelpFormatter):
-    """Defaults in the option help, and the reading guide kept as written."""
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="megatron-anchor-verify-parity",
-        description="Compare logits, loss and gradients of one model and one packed window "
-                    "across tensor/context-parallel layouts. Launch with torchrun and as many "
-                    "processes as the largest TP×CP (other layouts use the extra ranks as "
-                    "idle data-parallel replicas). Exit status 1 when a difference exceeds "
-                    "its tolerance.",
-        epilog=READING_GUIDE,
-        formatter_class=_HelpFormatter,
-    )
-    run = parser.add_argument_group("what to compare")
-    run.add_argument("--layouts", default="tp1cp1,tp2cp1,tp1cp2,tp2cp2",
-                     help="comma-separated tp<N>cp<M> layouts; the first is the reference")
-    run.add_argument("--variants", default="anchor,full",
-                     help=f"comma-separated attention variants out of {VARIANT_NAMES}")
-    run.add_argument("--dtypes", default="fp32,bf16",
-                     help="comma-separated parameter/activation dtypes: fp32, bf16")
-    run.add_argument("--fp32-rtol", type=float, default=1e-5,
-                     help="fp32 tolerance on max|Δlogit|/max|logit|, |Δloss|/loss, Δ‖g‖/‖g‖ "
-                          "(and Δg with --compare-grads): reduction-order rounding")
-    run.add_argument("--bf16-tol", type=float, default=2.5e-2,
-                     help="the same tolerance for bf16 runs (Transformer Engine's own bf16 "
-                          "test tolerance)")
-    run.add_argument("--compare-grads", action="store_true",
-                     help="also gather every full gradient on rank 0 and report max|Δg|/max|g| "
-                          "(memory: a full FP32 copy of the model's gradients per layout)")
-    run.add_argument("--json", metavar="FILE", help="also write the table and settings as JSON")
-    run.add_argument("--debug-wrong-cp-chunks", action="store_true", help=argparse.SUPPRESS)
-
-    system = parser.add_argument_group("where it runs")
-    system.add_argument("--cpu", action="store_true",
-                        help="run on CPU over gloo (local attention backend only)")
-    system.add_argument("--attention-backend", choices=("local", "te"), default="local",
-                        help="core attention: pure-PyTorch local, or Transformer Engine (GPU)")
-    system.add_argument("--cp-comm-type", choices=CP_COMM_TYPES, default="p2p",
-                        help="Transformer Engine's CP communication (te backend); the local "
-                             "backend always all-gathers K/V")
-    system.add_argument("--sequence-parallel", action="store_true",
-                        help="Megatron sequence parallelism in TP layouts (te backend only)")
-
-    model = parser.add_argument_group(
-        f"model (with --load, {MODEL_CONFIG_FILE} in the checkpoint directory wins over these)")
-    model.add_argument("--load", metavar="DIR",
-                       help="Megatron distributed checkpoint to take the weights from (a "
-                            "checkpoint root with latest_checkpointed_iteration.txt, or one "
-                            "iteration directory); without it the weights are initialised "
-                            "from --seed")
-    model.add_argument("--num-layers", type=int, default=2, help="transformer layers")
-    model.add_argument("--hidden-size", type=int, default=256, help="model width")
-    model.add_argument("--num-attention-heads", type=int, default=8, help="query heads")
-    model.add_argument("--num-query-groups", type=int, default=4,
-                       help="key/value heads (GQA); must divide by every TP size")
-    model.add_argument("--ffn-hidden-size", type=int, default=None,
-                       help="SwiGLU width; default Llama's 8/3·hidden rounded up to 64")
-    model.add_argument("--vocab-size", type=int, default=1024,
-                       help="real vocabulary (synthetic tokens are drawn below it)")
-    model.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
-                       help="vocabulary padding; must stay the same for every TP size")
-    model.add_argument("--rotary-base", type=float, default=10000.0, help="RoPE base")
-    model.add_argument("--seed", type=int, default=1234,
-                       help="seed of the initial weights and of the synthetic documents")
-
-    data = parser.add_argument_group("batch")
-    data.add_argument("--seq-length", type=int, default=4096,
-                      help="window slots; a multiple of 2·CP for every CP in --layouts")
-    data.add_argument("--data-path", nargs="+", default=None,
-                      help="Megatron-style dataset prefix(es) (with weights); one window is "
-                           "taken from it (needs megatron_anchor.data)")
-    data.add_argument("--window-index", type=int, default=0,
-                      help="which window of --data-path to check")
-    data.add_argument("--doc-length-dist", default="lognormal:600,1.0",
-                      help="synthetic document lengths: lognormal:MEAN,SIGMA (MEAN in tokens) | "
-                           "uniform:A,B | fixed:N | list:N1,N2,... (used in order, cycled)")
-    data.add_argument("--anchor-token-id", type=int, default=1,
-                      help="the shared anchor token (the tokenizer's BOS)")
-    data.add_argument("--pad-token-id", type=int, default=0, help="the padding token")
-    return parser
+class ParityError(ValueError):
+    """A parity run that cannot be set up as asked (the message names the flag)."""
 
 
-def _split_list(text: str, allowed, what: str) -> list[str]:
-    items = [s.strip() for s in text.split(",") if s.strip()]
-    bad = [s for s in items if s not in allowed]
-    if bad or not items:
-        raise ValueError(f"bad {what} {text!r}: choose from {', '.join(allowed)}")
-    return items
+@dataclass
+class ParityConfig:
+    """What to compare, where, on which model and batch (the CLI builds it from flags)."""
+
+    layouts: List[Layout]
+    model: object                       # ModelConfig: the checkpoint's with `load`
+    variants: List[str] = field(default_factory=lambda: ["anchor", "full"])
+    dtypes: List[str] = field(default_factory=lambda: ["fp32", "bf16"])
+    fp32_rtol: float = 1e-5
+    bf16_tol: float = 2.5e-2
+    compare_grads: bool = False
+    cpu: Optional[bool] = None          # None: CPU when no GPU is visible
+    attention_backend: str = "local"
+    cp_comm_type: str = "p2p"
+    sequence_parallel: bool = False
+    load: Optional[str] = None
+    seed: int = 1234
+    seq_length: int = 4096
+    data_path: Optional[List[str]] = None
+    window_index: int = 0
+    doc_length_dist: str = "lognormal:600,1.0"
+    anchor_token_id: int = 1
+    pad_token_id: int = 0
+    debug_wrong_cp_chunks: bool = False
+    argv: List[str] = field(default_factory=list)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    """Parsed and checked arguments; `args.model` is the ModelConfig every layout builds."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    from megatron_anchor.layout import VARIANTS
+def validate(config: ParityConfig) -> ParityConfig:
+    """Every rule checked by the module that owns it, before any process group exists."""
+    from megatron_anchor import backends
+    from megatron_anchor.layout import check_seq_length, get_variant
+    from megatron_anchor.model import check_parallel_layout
 
-    try:
-        args.layouts = parse_layouts(args.layouts)
-        args.variants = _split_list(args.variants, VARIANTS, "--variants")
-        args.dtypes = _split_list(args.dtypes, DTYPES, "--dtypes")
-        parse_length_distribution(args.doc_length_dist)
-        args.model = base_model_config(args)
-        _check_combinations(args)
-    except ValueError as error:
-        parser.error(str(error))
-    return args
-
-
-def _check_combinations(args) -> None:
-    if args.cpu and args.attention_backend == "te":
-        raise ValueError("--attention-backend te needs GPUs (Transformer Engine); "
-                         "drop --cpu or use --attention-backend local")
-    if args.sequence_parallel and args.attention_backend != "te":
-        raise ValueError("--sequence-parallel needs --attention-backend te")
-    cp_multiple = common_cp_multiple(args.layouts)
-    if cp_multiple > 1 and args.seq_length % (2 * cp_multiple):
-        raise ValueError(f"--seq-length {args.seq_length} must be a multiple of "
-                         f"2·lcm(CP sizes) = {2 * cp_multiple}")
-    if args.debug_wrong_cp_chunks and cp_multiple == 1:
-        raise ValueError("--debug-wrong-cp-chunks needs a layout with CP > 1")
-    heads = args.model.num_attention_heads
-    groups = args.model.num_query_groups or heads
-    for layout in args.layouts:
-        for what, count in (("--num-attention-heads", heads), ("--num-query-groups", groups)):
-            if count % layout.tp:
-                raise ValueError(f"{what} {count} does not divide by TP={layout.tp} "
-                                 f"({layout.name})")
-        if args.attention_backend == "te":
-            check_te_cp_comm_type(args.cp_comm_type, layout.cp,
-                                  heads_per_tp_rank=(heads // layout.tp, groups // layout.tp))
+    if len(config.layouts) < 2:
+        raise ParityError("give at least two layouts to compare, e.g. --layouts tp1cp1,tp2cp1")
+    for variant in config.variants:
+        get_variant(variant)
+    bad = [d for d in config.dtypes if d not in DTYPES]
+    if bad or not config.dtypes:
+        raise ParityError(f"bad --dtypes {','.join(config.dtypes)}: choose from "
+                          f"{', '.join(DTYPES)}")
+    parse_length_distribution(config.doc_length_dist)
+    cp_multiple = common_cp_multiple(config.layouts)
+    check_seq_length(config.seq_length, cp_multiple)
+    if config.debug_wrong_cp_chunks and cp_multiple == 1:
+        raise ParityError("--debug-wrong-cp-chunks needs a layout with CP > 1")
+    m = config.model
+    for layout in config.layouts:
+        check_parallel_layout(m, layout.tp)
+        backends.validate(config.attention_backend, cpu=bool(config.cpu), tp=layout.tp,
+                          cp=layout.cp, sequence_parallel=config.sequence_parallel,
+                          cp_comm_type=config.cp_comm_type,
+                          num_attention_heads=m.num_attention_heads,
+                          num_query_groups=m.num_query_groups)
+    return config
 
 
 # ----------------------------------------------------------------------------------------
@@ -227,10 +143,10 @@ def parse_length_distribution(text: str) -> Callable[[np.random.Generator, int],
     shapes = {"lognormal": 2, "uniform": 2, "fixed": 1}
     if values is None or (kind in shapes and len(values) != shapes[kind]) or \
             (kind == "list" and not values) or kind not in (*shapes, "list"):
-        raise ValueError(f"bad --doc-length-dist {text!r}: use lognormal:MEAN,SIGMA, "
+        raise ParityError(f"bad --doc-length-dist {text!r}: use lognormal:MEAN,SIGMA, "
                          "uniform:A,B, fixed:N or list:N1,N2,...")
     if any(v <= 0 for v in values[:1]) or (kind == "list" and min(values) < 1):
-        raise ValueError(f"bad --doc-length-dist {text!r}: lengths must be >= 1")
+        raise ParityError(f"bad --doc-length-dist {text!r}: lengths must be >= 1")
     if kind == "lognormal":
         mean, sigma = values
         mu = math.log(mean) - sigma ** 2 / 2  # so that the mean length is `mean`
@@ -258,7 +174,7 @@ def synthetic_documents(length_dist: str, seq_length: int, vocab_size: int, seed
     return documents
 
 
-def make_batch(args, variant: str, cp_multiple: int):
+def make_batch(args: ParityConfig, variant: str, cp_multiple: int):
     """The window (a PackedBatch) for `variant`, padded for every layout's CP; identical on
     every rank."""
     from megatron_anchor.layout import pack_documents
@@ -273,41 +189,22 @@ def make_batch(args, variant: str, cp_multiple: int):
 
 
 def _window_from_dataset(args, variant: str, cp_multiple: int):
-    try:
-        from megatron_anchor.data.windows import WindowConfig, WindowDataset
-    except ImportError as error:
-        raise RuntimeError(f"--data-path needs megatron_anchor.data.windows ({error})") from None
+    from megatron_anchor.data.windows import WindowConfig, WindowDataset
+
     config = WindowConfig(seq_length=args.seq_length, variant=variant,
                           anchor_token_id=args.anchor_token_id, pad_token_id=args.pad_token_id,
                           cp_size=cp_multiple, seed=args.seed)
     batch = WindowDataset(args.data_path, config)[args.window_index]
     top = int(batch.tokens.max())
     if top >= args.model.vocab_size:
-        raise ValueError(f"token id {top} in --data-path is outside the model's vocabulary "
-                         f"({args.model.vocab_size})")
+        raise ParityError(f"token id {top} in --data-path is outside the model's vocabulary "
+                          f"({args.model.vocab_size}): is it the checkpoint's data?")
     return batch
 
 
 # ----------------------------------------------------------------------------------------
 # The model: the same weights in every layout
 # ----------------------------------------------------------------------------------------
-
-def base_model_config(args):
-    """The architecture: the checkpoint's model_config.json with --load, else the flags."""
-    from megatron_anchor.model import ModelConfig
-
-    saved = os.path.join(args.load, MODEL_CONFIG_FILE) if args.load else None
-    if saved and os.path.exists(saved):
-        with open(saved) as f:
-            return ModelConfig.from_dict(json.load(f))
-    return ModelConfig(
-        num_layers=args.num_layers, hidden_size=args.hidden_size,
-        num_attention_heads=args.num_attention_heads, num_query_groups=args.num_query_groups,
-        ffn_hidden_size=args.ffn_hidden_size, vocab_size=args.vocab_size,
-        make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
-        rotary_base=args.rotary_base,
-    )
-
 
 def model_config(args, dtype: str):
     """The architecture with this run's dtype, backend and parallel options."""
@@ -318,11 +215,10 @@ def model_config(args, dtype: str):
 
 def seeded_full_weights(args) -> dict[str, torch.Tensor]:
     """FP32 weights of the model initialised from --seed at TP=1 (call under a TP=1 layout)."""
-    from megatron_anchor.distributed import manual_seed
     from megatron_anchor.model import build_model
     from megatron_anchor.parallel.sharding import full_state_dict
 
-    manual_seed(args.seed, args.cpu)
+    runtime.manual_seed(args.seed)
     weights = full_state_dict(build_model(model_config(args, "fp32")))
     _check_same_on_every_rank(weights)
     return weights
@@ -331,7 +227,7 @@ def seeded_full_weights(args) -> dict[str, torch.Tensor]:
 def _check_same_on_every_rank(weights: dict[str, torch.Tensor]) -> None:
     """Seeded initialisation is deterministic; a cheap checksum proves it across ranks."""
     checksum = torch.tensor([sum(float(w.double().sum()) for w in weights.values())],
-                            dtype=torch.float64, device=_device())
+                            dtype=torch.float64, device=runtime.device())
     low, high = checksum.clone(), checksum.clone()
     dist.all_reduce(low, op=dist.ReduceOp.MIN)
     dist.all_reduce(high, op=dist.ReduceOp.MAX)
@@ -345,33 +241,15 @@ def layout_model(args, dtype: str, weights: Optional[dict]):
     from megatron_anchor.model import build_model
     from megatron_anchor.parallel.sharding import load_full_state_dict
 
-    model = build_model(model_config(args, dtype)).to(_device())
+    from megatron_anchor import checkpoint
+
+    model = build_model(model_config(args, dtype)).to(runtime.device())
     if args.load:
-        load_checkpoint_weights(model, args.load)
+        checkpoint.load_weights(model, args.load)
     else:
         load_full_state_dict(model, weights)
     model.eval()  # no dropout anywhere; eval() documents that nothing is random
     return model
-
-
-def load_checkpoint_weights(model, directory: str) -> None:
-    """Megatron distributed checkpoint -> this layout's shards (dist_checkpointing reshards TP).
-
-    Accepts a Megatron-LM checkpoint root (with latest_checkpointed_iteration.txt) or one
-    iteration directory; the model lives under the "model" key, as Megatron-LM saves it.
-    """
-    from megatron.core import dist_checkpointing
-
-    tracker = os.path.join(directory, "latest_checkpointed_iteration.txt")
-    if os.path.exists(tracker):
-        with open(tracker) as f:
-            iteration = f.read().strip()
-        directory = os.path.join(directory, "release" if iteration == "release"
-                                 else f"iter_{int(iteration):07d}")
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"--load: no checkpoint directory {directory}")
-    state = dist_checkpointing.load({"model": model.sharded_state_dict()}, directory)
-    model.load_state_dict(state["model"], strict=False)
 
 
 # ----------------------------------------------------------------------------------------
@@ -384,12 +262,6 @@ class RunResult:
     loss: float                   # masked mean loss of the window
     grad_norm: float
     grads: Optional[dict] = None  # full FP32 gradients, with --compare-grads
-
-
-def _device() -> torch.device:
-    if torch.cuda.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def local_share(batch, wrong_chunks: bool = False):
@@ -415,7 +287,7 @@ def run_once(model, batch, compare_grads: bool, wrong_chunks: bool = False
 
     for param in model.parameters():
         param.grad = None
-    local = local_share(batch, wrong_chunks).to(_device())
+    local = local_share(batch, wrong_chunks).to(runtime.device())
     logits, per_token_loss = forward_packed(model, local)
     loss_sum, count = masked_mean_loss(per_token_loss, local.loss_mask)
     trained_tokens = sum_over_cp(count)
@@ -509,13 +381,11 @@ def _log(message: str) -> None:
         print(f"[verify-parity] {message}", file=sys.stderr, flush=True)
 
 
-def run(argv=None) -> dict:
+def run(args: ParityConfig) -> dict:
     """Run the check over the current world; returns the report (complete on rank 0)."""
-    return run_parsed(parse_args(argv), argv)
-
-
-def run_parsed(args, argv=None) -> dict:
+    validate(args)
     layouts = args.layouts
+    args.cpu = runtime.decide_device(args.cpu)
     use_layout(Layout(1, 1), args.cpu, args.seed)
     check_world_size(layouts, dist.get_world_size())
     weights = None if args.load else seeded_full_weights(args)
@@ -529,7 +399,7 @@ def run_parsed(args, argv=None) -> dict:
         dist.barrier()
 
     report = {
-        "argv": list(argv) if argv is not None else sys.argv[1:],
+        "argv": list(args.argv),
         "world_size": dist.get_world_size(),
         "layouts": [layout.name for layout in layouts],
         "reference_layout": layouts[0].name,
@@ -582,26 +452,6 @@ def _ordered(rows: list[dict], args) -> list[dict]:
 
 def _agree_on_passed(passed_here: bool) -> bool:
     """Rank 0 holds the verdict; every rank must exit with the same status."""
-    flag = torch.tensor([1 if passed_here else 0], device=_device())
+    flag = torch.tensor([1 if passed_here else 0], device=runtime.device())
     dist.broadcast(flag, src=0)
     return bool(flag.item())
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    from megatron_anchor.distributed import destroy
-
-    report = run_parsed(args, argv)
-    if world_rank() == 0:
-        print(format_table(report["rows"]))
-        print(f"parity {'PASSED' if report['passed'] else 'FAILED'} "
-              f"(reference {report['reference_layout']}, world size {report['world_size']})")
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(report, f, indent=2)
-    destroy()
-    return 0 if report["passed"] else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

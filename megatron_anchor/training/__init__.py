@@ -7,7 +7,7 @@ Modules, in the order a run uses them:
 * `data`       - tokenizer ids, window datasets, DP/CP sharding of each global batch;
 * `setup`      - model, DDP wrapper, optimizer and LR scheduler from Megatron-Core;
 * `train`      - the train loop (forward/backward over micro-batches, eval, logging);
-* `checkpoint` - dist_checkpointing save/load with exact resume, `load_model_from_checkpoint`;
+* (checkpoints: `megatron_anchor.checkpoint`, shared with every tool);
 * `logger`     - progress bar, TensorBoard, metrics file, loss-curve plot;
 * `pretrain`   - `main()` (console script `megatron-anchor-pretrain`);
 * `megatron_lm`- glue for Megatron-LM's `pretrain_gpt.py` where it is installed.

@@ -7,6 +7,7 @@ scripts read the same. Plugin-specific flags are grouped under "AnchorAttention"
 from __future__ import annotations
 
 import argparse
+import functools
 from typing import List, Optional
 
 from megatron_anchor.training.config import (
@@ -20,10 +21,43 @@ from megatron_anchor.training.config import (
     TrainConfig,
 )
 
-VARIANTS = ("full", "intra-doc", "intra-doc-reset", "anchor")  # = layout.VARIANTS (no import:
-# --help must not pay for importing Megatron-Core)
-TOKENIZER_TYPES = ("HuggingFaceTokenizer", "SentencePieceTokenizer", "GPT2BPETokenizer",
-                   "NullTokenizer", "ByteTokenizer")
+from megatron_anchor.backends import BACKEND_NAMES
+from megatron_anchor.data.tokenizer import TOKENIZER_TYPES
+from megatron_anchor.layout import VARIANTS
+from megatron_anchor.parallel.te_cp import CP_COMM_TYPES
+
+
+# Architecture flags: (flag, type, default without a checkpoint, help). Their parsed
+# default is None so that a flag the user gave can be told from one left out.
+MODEL_FLAGS = (
+    ("--num-layers", int, 2, "transformer layers"),
+    ("--hidden-size", int, 256, "model width"),
+    ("--ffn-hidden-size", int, None, "SwiGLU inner width (None: 8/3 x hidden, rounded up to 64)"),
+    ("--num-attention-heads", int, 4, "query heads"),
+    ("--num-query-groups", int, None, "key/value heads for grouped-query attention (None: = heads)"),
+    ("--rotary-base", float, 10000.0, "RoPE base (paper: 1e6 at 16K, 5e6 at 64K, 1e7 at 128K)"),
+    ("--norm-epsilon", float, 1e-5, "RMSNorm epsilon"),
+    ("--init-method-std", float, 0.02, "weight init std"),
+    ("--make-vocab-size-divisible-by", int, 128,
+     "pad the vocabulary to a multiple of this (independent of TP)"),
+    ("--vocab-size", int, None, "vocabulary size (None: the tokenizer's); NullTokenizer: its ids"),
+)
+
+
+def model_flags_given(args: argparse.Namespace) -> dict:
+    """ModelConfig field -> value, for the architecture flags given on the command line."""
+    given = {}
+    for flag, _, _, _ in MODEL_FLAGS:
+        name = flag[2:].replace("-", "_")
+        if getattr(args, name) is not None:
+            given[name] = getattr(args, name)
+    return given
+
+
+def _model_flag(args: argparse.Namespace, flag: str):
+    name = flag[2:].replace("-", "_")
+    value = getattr(args, name)
+    return value if value is not None else next(d for f, _, d, _ in MODEL_FLAGS if f == flag)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     _optim_args(parser)
     _checkpoint_and_logging_args(parser)
     _anchor_args(parser)
+    _memory_args(parser)
     return parser
 
 
@@ -60,22 +95,12 @@ def _parallel_args(parser):
 
 
 def _model_args(parser):
-    g = parser.add_argument_group("model (Llama-style: RMSNorm, SwiGLU, RoPE, GQA, untied)")
-    g.add_argument("--num-layers", type=int, default=2, help="transformer layers")
-    g.add_argument("--hidden-size", type=int, default=256, help="model width")
-    g.add_argument("--ffn-hidden-size", type=int, default=None,
-                   help="SwiGLU inner width (default: 8/3 x hidden, rounded up to 64)")
-    g.add_argument("--num-attention-heads", type=int, default=4, help="query heads")
-    g.add_argument("--num-query-groups", type=int, default=None,
-                   help="key/value heads for grouped-query attention (default: = heads)")
-    g.add_argument("--rotary-base", type=float, default=10000.0,
-                   help="RoPE base (paper: 1e6 at 16K, 5e6 at 64K, 1e7 at 128K)")
-    g.add_argument("--norm-epsilon", type=float, default=1e-5, help="RMSNorm epsilon")
-    g.add_argument("--init-method-std", type=float, default=0.02, help="weight init std")
-    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
-                   help="pad the vocabulary to a multiple of this (independent of TP)")
-    g.add_argument("--vocab-size", type=int, default=None,
-                   help="vocabulary size (default: the tokenizer's); NullTokenizer: its ids")
+    g = parser.add_argument_group(
+        "model (Llama-style: RMSNorm, SwiGLU, RoPE, GQA). With --load or "
+        "--pretrained-checkpoint the architecture is the checkpoint's: these flags may be "
+        "left out, and one that contradicts it is an error")
+    for flag, kind, default, text in MODEL_FLAGS:
+        g.add_argument(flag, type=kind, default=None, help=f"{text} (default: {default})")
 
 
 def _data_args(parser):
@@ -93,6 +118,9 @@ def _data_args(parser):
                         "(gradient accumulation = global / (micro x DP))")
     g.add_argument("--data-cache-path", default=None,
                    help="directory caching the window sample index (reused across runs)")
+    g.add_argument("--no-sample-shuffle", action="store_true",
+                   help="ablation: serve the packed windows in stream order instead of "
+                        "Megatron's seeded sample shuffle (documents are still shuffled)")
     g.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default=None,
                    help="tokenizer of the preprocessed data (finds the anchor/EOD/pad ids "
                         "and the vocabulary size)")
@@ -145,6 +173,11 @@ def _checkpoint_and_logging_args(parser):
                         "split (0: no validation)")
     g.add_argument("--tensorboard-dir", default=None, help="write TensorBoard scalars here")
     g.add_argument("--no-progress-bar", action="store_true", help="no tqdm bar on rank 0")
+    g.add_argument("--peak-tflops", type=float, default=None,
+                   help="dense peak TFLOP/s of one GPU, for MFU (model TFLOP/s per GPU / peak) "
+                        "in the log lines, metrics.jsonl and the summary. Default: looked up "
+                        "from the GPU name for --bf16 runs (H100/H200 SXM 989, A100 312, "
+                        "B200 2250); none on CPU")
 
 
 def _anchor_args(parser):
@@ -154,9 +187,9 @@ def _anchor_args(parser):
     g.add_argument("--domain-tags", action="store_true",
                    help="anchor variant: put each document's domain name (tokenized) after its "
                         "anchor; tag tokens are never loss targets")
-    g.add_argument("--attention-backend", choices=("local", "te"), default="local",
+    g.add_argument("--attention-backend", choices=BACKEND_NAMES, default="local",
                    help="local: pure PyTorch (CPU/GPU); te: Transformer Engine THD (GPU)")
-    g.add_argument("--cp-comm-type", default="p2p", choices=("p2p", "all_gather", "a2a"),
+    g.add_argument("--cp-comm-type", default="p2p", choices=CP_COMM_TYPES,
                    help="Transformer Engine context-parallel communication")
     g.add_argument("--rope-bf16", action="store_true",
                    help="diagnostic: RoPE tables and rotation in BF16 instead of FP32")
@@ -171,6 +204,33 @@ def _anchor_args(parser):
                    "and interleave the chunks of a window's documents")
 
 
+def _memory_args(parser):
+    g = parser.add_argument_group(
+        "memory (Megatron-Core's activation recomputation and distributed optimizer)")
+    g.add_argument("--recompute-granularity", choices=("full", "selective"), default=None,
+                   help="full: recompute whole transformer layers in the backward (keeps only "
+                        "each recomputed chunk's input); selective: recompute only "
+                        "--recompute-modules (default core attention)")
+    g.add_argument("--recompute-method", choices=("uniform", "block"), default=None,
+                   help="full recompute: uniform checkpoints chunks of --recompute-num-layers "
+                        "layers (all layers); block recomputes the first "
+                        "--recompute-num-layers layers and stores the rest")
+    g.add_argument("--recompute-num-layers", type=int, default=None,
+                   help="layers per chunk (uniform) or layers recomputed (block)")
+    g.add_argument("--recompute-modules", nargs="+", default=None,
+                   help="selective recompute: submodules among core_attn, mlp, layernorm "
+                        "(default: core_attn)")
+    g.add_argument("--use-distributed-optimizer", action="store_true",
+                   help="shard the optimizer state and FP32 main weights over the "
+                        "data-parallel ranks (Megatron's distributed optimizer, ZeRO-1): "
+                        "reduce-scatter the gradients, all-gather the updated weights")
+    g.add_argument("--overlap-grad-reduce", action="store_true",
+                   help="overlap the gradient all-reduce / reduce-scatter with the backward")
+    g.add_argument("--overlap-param-gather", action="store_true",
+                   help="overlap the parameter all-gather with the next forward "
+                        "(needs --use-distributed-optimizer)")
+
+
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return build_parser().parse_args(argv)
 
@@ -179,31 +239,36 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """A validated TrainConfig; tokenizer ids are resolved later (`data.resolve_tokens`)."""
     from megatron_anchor.model import ModelConfig
 
+    m = functools.partial(_model_flag, args)
     model = ModelConfig(
-        num_layers=args.num_layers,
-        hidden_size=args.hidden_size,
-        num_attention_heads=args.num_attention_heads,
-        num_query_groups=args.num_query_groups,
-        ffn_hidden_size=args.ffn_hidden_size,
-        vocab_size=args.vocab_size or 0,
-        make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+        num_layers=m("--num-layers"),
+        hidden_size=m("--hidden-size"),
+        num_attention_heads=m("--num-attention-heads"),
+        num_query_groups=m("--num-query-groups"),
+        ffn_hidden_size=m("--ffn-hidden-size"),
+        vocab_size=m("--vocab-size") or 0,
+        make_vocab_size_divisible_by=m("--make-vocab-size-divisible-by"),
         max_sequence_length=max(args.seq_length, 1),
-        rotary_base=args.rotary_base,
+        rotary_base=m("--rotary-base"),
         rope_fp32=not args.rope_bf16,
-        norm_epsilon=args.norm_epsilon,
-        init_method_std=args.init_method_std,
+        norm_epsilon=m("--norm-epsilon"),
+        init_method_std=m("--init-method-std"),
         attention_backend=args.attention_backend,
         bf16=args.bf16,
         sequence_parallel=args.sequence_parallel,
         cp_comm_type=args.cp_comm_type,
+        recompute_granularity=args.recompute_granularity,
+        recompute_method=args.recompute_method,
+        recompute_num_layers=args.recompute_num_layers,
+        recompute_modules=args.recompute_modules,
     )
-    if args.hidden_size % args.num_attention_heads:
-        raise ConfigError(f"--hidden-size {args.hidden_size} is not divisible by "
-                          f"--num-attention-heads {args.num_attention_heads}")
     return TrainConfig(
         model=model,
         parallel=ParallelConfig(args.tensor_model_parallel_size, args.context_parallel_size,
-                                args.sequence_parallel, args.cpu),
+                                args.sequence_parallel, args.cpu,
+                                use_distributed_optimizer=args.use_distributed_optimizer,
+                                overlap_grad_reduce=args.overlap_grad_reduce,
+                                overlap_param_gather=args.overlap_param_gather),
         data=DataConfig(
             data_path=list(args.data_path or []), split=args.split, seq_length=args.seq_length,
             micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size,
@@ -214,7 +279,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             vocab_file=args.vocab_file, merge_file=args.merge_file,
             data_cache_path=args.data_cache_path,
             short_doc_keep_fraction=args.short_doc_keep_fraction,
-            interleave_chunks=args.interleave_chunks),
+            interleave_chunks=args.interleave_chunks,
+            shuffle_samples=not args.no_sample_shuffle),
         optim=OptimConfig(
             lr=args.lr, min_lr=args.min_lr, lr_decay_style=args.lr_decay_style,
             lr_warmup_iters=args.lr_warmup_iters, lr_decay_iters=args.lr_decay_iters,
@@ -224,6 +290,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         checkpoint=CheckpointConfig(args.save, args.load, args.save_interval,
                                     args.pretrained_checkpoint, args.exit_interval),
         logging=LoggingConfig(args.log_interval, args.eval_interval, args.eval_iters,
-                              args.tensorboard_dir, not args.no_progress_bar),
+                              args.tensorboard_dir, not args.no_progress_bar,
+                              peak_tflops=args.peak_tflops),
         seed=args.seed,
+        model_flags_given=model_flags_given(args),
     )

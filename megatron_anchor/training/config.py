@@ -12,9 +12,13 @@ import json
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
+from megatron_anchor import backends, layout, runtime
 from megatron_anchor.model import ModelConfig
 
 LR_DECAY_STYLES = ("constant", "linear", "cosine")
+RECOMPUTE_GRANULARITIES = (None, "full", "selective")
+RECOMPUTE_METHODS = ("uniform", "block")
+RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm")  # Megatron's, for a dense model
 
 
 class ConfigError(ValueError):
@@ -27,6 +31,12 @@ class ParallelConfig:
     context_parallel_size: int = 1
     sequence_parallel: bool = False
     cpu: bool = False
+    # Megatron-Core's DistributedDataParallelConfig / OptimizerConfig: ZeRO-1 style sharding
+    # of the optimizer state (and FP32 main weights) over the data-parallel ranks, and
+    # overlapping the gradient reduce-scatter / parameter all-gather with compute.
+    use_distributed_optimizer: bool = False
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
 
 
 @dataclass
@@ -47,6 +57,7 @@ class DataConfig:
     data_cache_path: Optional[str] = None
     short_doc_keep_fraction: float = 1.0
     interleave_chunks: Optional[int] = None
+    shuffle_samples: bool = True   # serve windows in a seeded order (Megatron's shuffle_index)
 
 
 @dataclass
@@ -80,6 +91,8 @@ class LoggingConfig:
     eval_iters: int = 0
     tensorboard_dir: Optional[str] = None
     progress_bar: bool = True
+    # Dense peak TFLOP/s of one GPU for MFU (None: looked up from the GPU name for BF16 runs).
+    peak_tflops: Optional[float] = None
 
 
 @dataclass
@@ -93,6 +106,8 @@ class TrainConfig:
     seed: int = 1234
     # Token ids the data needs, resolved from the tokenizer (tag tokens per domain name).
     domain_tag_ids: Optional[Dict[str, List[int]]] = None
+    # Architecture flags given on the command line (checked against a checkpoint's).
+    model_flags_given: Dict[str, object] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -115,20 +130,18 @@ class TrainConfig:
             raise ConfigError("--data-path is required (Megatron style: [weight] prefix ...)")
         if d.seq_length <= 0:
             raise ConfigError(f"--seq-length must be positive, got {d.seq_length}")
-        cp = p.context_parallel_size
-        if cp > 1 and d.seq_length % (2 * cp):
-            raise ConfigError(f"--seq-length {d.seq_length} must be a multiple of 2 x "
-                              f"--context-parallel-size = {2 * cp}")
+        layout.check_seq_length(d.seq_length, p.context_parallel_size)
+        if m.hidden_size % m.num_attention_heads:
+            raise ConfigError(f"--hidden-size {m.hidden_size} is not divisible by "
+                              f"--num-attention-heads {m.num_attention_heads}")
         if d.micro_batch_size < 1 or d.global_batch_size < 1:
             raise ConfigError("--micro-batch-size and --global-batch-size must be >= 1")
         if d.global_batch_size % d.micro_batch_size:
             raise ConfigError(f"--global-batch-size {d.global_batch_size} must be a multiple of "
                               f"--micro-batch-size {d.micro_batch_size}")
-        if d.variant == "anchor" and d.anchor_token_id is None:
-            raise ConfigError("--attention-variant anchor needs an anchor token: pass "
-                              "--tokenizer-type/--tokenizer-model (BOS is used, else EOS) or "
-                              "--anchor-token-id")
-        if d.domain_tags and d.variant != "anchor":
+        layout.check_anchor(d.variant, d.anchor_token_id)
+        layout.check_interleave(d.variant, d.interleave_chunks)
+        if d.domain_tags and not layout.get_variant(d.variant).anchor:
             raise ConfigError("--domain-tags goes with --attention-variant anchor")
         if o.lr_decay_style not in LR_DECAY_STYLES:
             raise ConfigError(f"--lr-decay-style must be one of {LR_DECAY_STYLES}")
@@ -139,26 +152,53 @@ class TrainConfig:
         if o.lr_warmup_iters > (o.lr_decay_iters or o.train_iters):
             raise ConfigError("--lr-warmup-iters is longer than the decay (--train-iters or "
                               "--lr-decay-iters)")
-        if p.sequence_parallel and m.attention_backend != "te":
-            raise ConfigError("--sequence-parallel needs --attention-backend te")
-        if m.attention_backend == "te" and p.cpu:
-            raise ConfigError("--attention-backend te needs a GPU: drop --cpu or use "
-                              "--attention-backend local")
+        backends.validate(m.attention_backend, cpu=p.cpu, tp=p.tensor_model_parallel_size,
+                          cp=p.context_parallel_size, sequence_parallel=p.sequence_parallel,
+                          cp_comm_type=m.cp_comm_type,
+                          num_attention_heads=m.num_attention_heads,
+                          num_query_groups=m.num_query_groups)
         if m.bf16 and p.cpu:
             raise ConfigError("--bf16 is for GPU runs (Megatron's BF16 optimizer keeps FP32 "
                               "main weights on the GPU); drop it with --cpu")
         if self.logging.eval_interval is not None and self.logging.eval_interval < 1:
             raise ConfigError("--eval-interval must be >= 1")
+        self.validate_memory_features()
         return self
+
+    def validate_memory_features(self) -> None:
+        """Activation recomputation and the distributed optimizer, as Megatron checks them."""
+        m, p = self.model, self.parallel
+        granularity = m.recompute_granularity
+        if granularity not in RECOMPUTE_GRANULARITIES:
+            raise ConfigError(f"--recompute-granularity must be one of "
+                              f"{RECOMPUTE_GRANULARITIES[1:]}, got {granularity!r}")
+        if granularity == "full":
+            if m.recompute_method not in RECOMPUTE_METHODS:
+                raise ConfigError("--recompute-granularity full needs --recompute-method "
+                                  f"{' or '.join(RECOMPUTE_METHODS)}")
+            if not m.recompute_num_layers or not 1 <= m.recompute_num_layers <= m.num_layers:
+                raise ConfigError(f"--recompute-granularity full needs --recompute-num-layers "
+                                  f"between 1 and --num-layers {m.num_layers}")
+        elif m.recompute_method is not None or m.recompute_num_layers is not None:
+            raise ConfigError("--recompute-method and --recompute-num-layers go with "
+                              "--recompute-granularity full")
+        if m.recompute_modules and granularity != "selective":
+            raise ConfigError("--recompute-modules goes with --recompute-granularity selective")
+        unknown = sorted(set(m.recompute_modules or ()) - set(RECOMPUTE_MODULES))
+        if unknown:
+            raise ConfigError(f"--recompute-modules {unknown} unknown for this dense model; "
+                              f"choose from {RECOMPUTE_MODULES}")
+        if p.overlap_param_gather and not (p.use_distributed_optimizer and p.overlap_grad_reduce):
+            raise ConfigError("--overlap-param-gather needs --use-distributed-optimizer and "
+                              "--overlap-grad-reduce (as in Megatron-LM)")
+        if self.logging.peak_tflops is not None and self.logging.peak_tflops <= 0:
+            raise ConfigError(f"--peak-tflops must be positive, got {self.logging.peak_tflops}")
 
     def validate_world(self, world_size: int) -> int:
         """The data-parallel size for this world; checks the batch divides over it."""
         p = self.parallel
-        model_parallel = p.tensor_model_parallel_size * p.context_parallel_size
-        if world_size % model_parallel:
-            raise ConfigError(f"{world_size} processes do not divide into TP x CP = "
-                              f"{model_parallel}; launch a multiple of {model_parallel}")
-        dp = world_size // model_parallel
+        dp = runtime.check_world_size(
+            world_size, (p.tensor_model_parallel_size, p.context_parallel_size))
         per_step = self.data.micro_batch_size * dp
         if self.data.global_batch_size % per_step:
             raise ConfigError(

@@ -78,15 +78,21 @@ class RunLogger:
             self.print(f"iter {iteration:6d} | loss {mean_loss:.4f} | "
                        f"grad norm {metrics['grad_norm']:.3f} | lr {metrics['lr']:.3e} | "
                        f"{metrics['tokens_per_s']:.0f} tokens/s | "
+                       f"{format_tflops(metrics.get('tflops_per_rank'), metrics.get('mfu'))}"
                        f"{metrics['step_time_s'] * 1000:.0f} ms/step")
 
-    def validation(self, iteration: int, losses: Dict[str, float]) -> None:
+    def validation(self, iteration: int, losses: Dict[str, float],
+                   unigram_ce: Optional[float] = None) -> None:
+        """`unigram_ce`: the validation targets' cross-entropy under the training unigram
+        distribution, logged next to the loss (and as `unigram_ce` in metrics.jsonl)."""
         if not self.enabled:
             return
         self.valid_points.append((iteration, losses["all"]))
-        self._record("valid", iteration, losses)
+        record = dict(losses) if unigram_ce is None else {**losses, "unigram_ce": unigram_ce}
+        self._record("valid", iteration, record)
         per_domain = ", ".join(f"{k} {v:.4f}" for k, v in losses.items() if k != "all")
-        self.print(f"valid at iter {iteration} | loss {losses['all']:.4f}"
+        unigram = f" (unigram CE {unigram_ce:.4f})" if unigram_ce is not None else ""
+        self.print(f"valid at iter {iteration} | loss {losses['all']:.4f}{unigram}"
                    + (f" | {per_domain}" if per_domain else ""))
 
     def _record(self, kind: str, iteration: int, values: Dict[str, float]) -> None:
@@ -135,6 +141,14 @@ class RunLogger:
             self.writer.close()
         if self.metrics_file is not None:
             self.metrics_file.close()
+
+
+def format_tflops(tflops_per_rank: Optional[float], mfu: Optional[float]) -> str:
+    """'12.3 TFLOP/s/rank | MFU 41.2% | ' (MFU only with a declared peak)."""
+    if tflops_per_rank is None:
+        return ""
+    text = f"{tflops_per_rank:.3g} TFLOP/s/rank | "
+    return text + (f"MFU {100 * mfu:.1f}% | " if mfu is not None else "")
 
 
 def _summary_writer(directory: str):

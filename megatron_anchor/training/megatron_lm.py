@@ -41,7 +41,8 @@ from __future__ import annotations
 
 from functools import partial
 
-from megatron_anchor.layout import PackedBatch
+from megatron_anchor import backends
+from megatron_anchor.layout import VARIANTS, PackedBatch, check_anchor, check_seq_length
 from megatron_anchor.model import forward_packed
 from megatron_anchor.training.data import assemble_microbatch
 from megatron_anchor.training.train import loss_func  # Megatron's per-token-loss contract
@@ -66,8 +67,7 @@ def _require_megatron_lm():
 def add_anchor_args(parser):
     """Megatron-LM `extra_args_provider`: the plugin's flags."""
     group = parser.add_argument_group("AnchorAttention")
-    group.add_argument("--anchor-variant", default="anchor",
-                       choices=("full", "intra-doc", "intra-doc-reset", "anchor"))
+    group.add_argument("--anchor-variant", default="anchor", choices=VARIANTS)
     group.add_argument("--anchor-token-id", type=int, default=None)
     group.add_argument("--anchor-pad-token-id", type=int, default=0)
     group.add_argument("--anchor-rope-bf16", action="store_true",
@@ -84,6 +84,7 @@ def model_provider(pre_process=True, post_process=True, *unused, **unused_kw):
     from megatron.training.arguments import core_transformer_config_from_args
 
     args = get_args()
+    validate_megatron_lm_args(args)
     config = core_transformer_config_from_args(args)
     return GPTModel(config=config, transformer_layer_spec=import_module(
                         ("megatron_anchor.megatron_lm_spec", "anchor_layer_spec")),
@@ -92,6 +93,23 @@ def model_provider(pre_process=True, post_process=True, *unused, **unused_kw):
                     position_embedding_type="none",
                     share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
                     parallel_output=True)
+
+
+def validate_megatron_lm_args(args) -> None:
+    """The plugin's rules on Megatron-LM's parsed arguments (the same registry and layout
+    checks as megatron-anchor-pretrain), before Megatron builds anything."""
+    from megatron_anchor import runtime
+
+    cp = getattr(args, "context_parallel_size", 1)
+    comm_types = getattr(args, "cp_comm_type", "p2p")
+    for comm_type in (comm_types if isinstance(comm_types, (list, tuple)) else [comm_types]):
+        backends.from_megatron_transformer_impl(getattr(args, "transformer_impl", "local")).validate(
+            cpu=runtime.is_cpu(), tp=args.tensor_model_parallel_size, cp=cp,
+            sequence_parallel=getattr(args, "sequence_parallel", False),
+            cp_comm_type=comm_type, num_attention_heads=args.num_attention_heads,
+            num_query_groups=getattr(args, "num_query_groups", None))
+    check_seq_length(args.seq_length, cp)
+    check_anchor(args.anchor_variant, args.anchor_token_id)
 
 
 def window_config_from_args(args, split_name: str, num_samples: int):

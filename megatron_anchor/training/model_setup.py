@@ -6,6 +6,12 @@
   AdamW from Transformer Engine (`FusedAdam`) or apex when installed; otherwise (CPU) it falls
   back to `torch.optim.AdamW`, wrapped in Megatron's `FP32Optimizer` (global-norm clipping,
   sharded state dicts). `--bf16` gives Megatron's mixed-precision optimizer (FP32 main weights).
+* `--use-distributed-optimizer` (both configs, as in Megatron-LM): DDP reduce-scatters the
+  gradients and Megatron's `DistributedOptimizer` keeps only this rank's shard of the FP32
+  main weights and Adam moments, then all-gathers the updated weights. `--overlap-grad-reduce`
+  and `--overlap-param-gather` overlap those collectives with backward / the next forward
+  (the forward pre-hooks are switched off around validation and checkpoints, as Megatron-LM
+  does, so the weights are complete there).
 * `megatron.core.optimizer_param_scheduler.OptimizerParamScheduler`, stepped once per
   iteration (warmup and decay are counted in iterations).
 
@@ -44,13 +50,16 @@ def build_training_components(cfg: TrainConfig) -> TrainingComponents:
         finalize_model_grads,
     )
 
-    gpt = build_model(cfg.model)
-    if torch.cuda.is_available() and not cfg.parallel.cpu:
-        gpt = gpt.cuda(torch.cuda.current_device())
+    from megatron_anchor import runtime
+
+    gpt = build_model(cfg.model).to(runtime.device())
     # Per-token loss: DDP sums gradients, finalize_model_grads divides by all trained tokens.
     gpt.config.calculate_per_token_loss = True
+    p = cfg.parallel
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False)
+        grad_reduce_in_fp32=True, overlap_grad_reduce=p.overlap_grad_reduce,
+        overlap_param_gather=p.overlap_param_gather,
+        use_distributed_optimizer=p.use_distributed_optimizer)
     model = DistributedDataParallel(gpt.config, ddp_config, gpt)
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer)
@@ -71,8 +80,43 @@ def build_optimizer(cfg: TrainConfig, model):
         adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
         clip_grad=o.clip_grad, bf16=cfg.model.bf16,
         params_dtype=torch.bfloat16 if cfg.model.bf16 else torch.float32,
-        use_distributed_optimizer=False)
-    return get_megatron_optimizer(config, [model])
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        overlap_param_gather=cfg.parallel.overlap_param_gather)
+    optimizer = get_megatron_optimizer(config, [model])
+    prime_torch_adam_state(optimizer)
+    return optimizer
+
+
+def prime_torch_adam_state(optimizer) -> int:
+    """Give a `torch.optim.Adam(W)` inside Megatron's `DistributedOptimizer` the state its
+    first step would create (step 0, zero moments), so a checkpoint can be loaded into it.
+
+    Without Transformer Engine or apex (CPU, or a GPU without them), Megatron-Core falls back
+    to torch's AdamW, whose state is created lazily; `DistributedOptimizer.state_dict()` (called
+    by `sharded_state_dict(is_loading=True)` before loading) asserts exactly one step value
+    among the states, so loading into a fresh optimizer fails. The primed state is what
+    torch's first step would create, so the maths is unchanged. Returns the parameters primed.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    primed = 0
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        torch_opt = getattr(inner, "optimizer", None)
+        if not isinstance(inner, DistributedOptimizer) or not isinstance(
+                torch_opt, (torch.optim.Adam, torch.optim.AdamW)):
+            continue
+        for group in torch_opt.param_groups:
+            for param in group["params"]:
+                state = torch_opt.state[param]
+                if len(state) == 0:
+                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(param,
+                                                           memory_format=torch.preserve_format)
+                    if group.get("amsgrad"):
+                        state["max_exp_avg_sq"] = torch.zeros_like(param)
+                    primed += 1
+    return primed
 
 
 def build_scheduler(cfg: TrainConfig, optimizer):
@@ -90,3 +134,25 @@ def build_scheduler(cfg: TrainConfig, optimizer):
 
 def current_lr(optimizer) -> float:
     return float(optimizer.param_groups[0]["lr"])
+
+
+def param_sync_paused(components: TrainingComponents):
+    """Context for validation and checkpoints: with --overlap-param-gather the parameter
+    all-gather of the last step is only waited for in forward pre-hooks; switch them off
+    (forcing the all-gather) and back on afterwards, as Megatron-LM's train loop does."""
+    import contextlib
+
+    model = components.model
+
+    @contextlib.contextmanager
+    def paused():
+        hooked = getattr(model, "use_forward_hook", False)
+        if hooked:
+            model.disable_forward_pre_hook(param_sync=True)
+        try:
+            yield
+        finally:
+            if hooked:
+                model.enable_forward_pre_hook()
+
+    return paused()

@@ -15,22 +15,8 @@ import sys
 from typing import List, Optional
 
 
-# Megatron-Core announces each missing optional accelerator package (TE, apex) at import;
-# on CPU that is expected, and the fallbacks used are listed in the README.
-_EXPECTED_WARNINGS = (r".*(Transformer Engine|Apex|apex).*not installed.*",
-                      r".*full scope is deprecated.*")
-
-
-def _quiet_expected_warnings() -> None:
-    import warnings
-
-    for pattern in _EXPECTED_WARNINGS:
-        warnings.filterwarnings("ignore", message=pattern)
-
-
 def run(argv: Optional[List[str]] = None):
     """Parse, set up, train; returns the RunSummary (rank 0 prints it)."""
-    _quiet_expected_warnings()
     from megatron_anchor.training.arguments import config_from_args, parse_args
 
     cfg = config_from_args(parse_args(argv))
@@ -38,35 +24,37 @@ def run(argv: Optional[List[str]] = None):
 
 
 def run_config(cfg):
-    import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from megatron_anchor import distributed
-    from megatron_anchor.training import checkpoint, data
+    from megatron_anchor import checkpoint, runtime
+    from megatron_anchor.training import data
     from megatron_anchor.training.logger import RunLogger
     from megatron_anchor.training.model_setup import build_training_components
     from megatron_anchor.training.train import train
 
-    data.resolve_tokens(cfg, data.load_tokenizer(cfg))
-    cfg.validate()
     p = cfg.parallel
+    p.cpu = runtime.decide_device(True if p.cpu else None)
+    take_architecture_from_checkpoint(cfg)
+    tokenizer = data.load_tokenizer(cfg)
+    data.resolve_tokens(cfg, tokenizer)
+    cfg.validate()
     owns_world = _initialize(cfg)
     try:
-        dp = cfg.validate_world(dist.get_world_size())
-        rank0 = dist.get_rank() == 0
+        dp = cfg.validate_world(runtime.world_size())
+        rank0 = runtime.is_rank0()
         train_data, valid_data = data.build_datasets(cfg)
-        device = "cpu" if p.cpu else f"cuda:{__import__('torch').cuda.current_device()}"
         microbatches = data.MicroBatches(
             cfg, parallel_state.get_data_parallel_rank(), dp,
-            parallel_state.get_context_parallel_rank(), p.context_parallel_size, device)
+            parallel_state.get_context_parallel_rank(), p.context_parallel_size,
+            runtime.device())
         components = build_training_components(cfg)
 
         start = 0
-        if cfg.checkpoint.load and checkpoint.resolve_checkpoint(cfg.checkpoint.load):
-            start, _ = checkpoint.load_checkpoint(cfg.checkpoint.load, components)
+        if checkpoint.exists(cfg.checkpoint.load):
+            start, _ = checkpoint.load_training(cfg.checkpoint.load, components)
         elif cfg.checkpoint.pretrained_checkpoint:
-            loaded = checkpoint.load_pretrained_weights(cfg.checkpoint.pretrained_checkpoint,
-                                                        components)
+            loaded = checkpoint.load_weights(components.module,
+                                             cfg.checkpoint.pretrained_checkpoint)
             if rank0:
                 print(f"starting from the weights of {loaded}", flush=True)
         elif cfg.checkpoint.load and rank0:
@@ -82,11 +70,14 @@ def run_config(cfg):
 
         save_fn = None
         if cfg.checkpoint.save:
+            d = cfg.data
+            tokenizer_files = d.tokenizer_model or (d.vocab_file and os.path.dirname(d.vocab_file))
+
             def save_fn(iteration):
                 state = {"consumed_windows": iteration * cfg.data.global_batch_size,
                          "data": train_data.state()}
-                return checkpoint.save_checkpoint(cfg.checkpoint.save, iteration, components,
-                                                  cfg, state)
+                return checkpoint.save_training(cfg.checkpoint.save, iteration, components,
+                                                cfg, state, tokenizer=tokenizer_files)
 
         summary = train(cfg, components, train_data, valid_data, microbatches, logger,
                         start_iteration=start, save_fn=save_fn)
@@ -97,34 +88,41 @@ def run_config(cfg):
         return summary
     finally:
         if owns_world:
-            distributed.destroy()
+            runtime.destroy()
+
+
+def take_architecture_from_checkpoint(cfg) -> None:
+    """With a checkpoint to start from, the architecture is the checkpoint's.
+
+    Architecture flags the user gave must agree with it (a one-line error otherwise); the
+    run's own choices (backend, precision, window, parallel options) are kept.
+    """
+    from megatron_anchor import checkpoint
+
+    c = cfg.checkpoint
+    source = c.load if checkpoint.exists(c.load) else c.pretrained_checkpoint
+    if not source:
+        return
+    saved = checkpoint.read_model_config(source)
+    checkpoint.check_flags_match(saved, cfg.model_flags_given, source)
+    m = cfg.model
+    cfg.model = checkpoint.with_runtime_fields(
+        saved, **{name: getattr(m, name) for name in checkpoint.RUNTIME_FIELDS})
 
 
 def _initialize(cfg) -> bool:
     """Set up process groups, or reuse the caller's (tests, notebooks). True if set up here."""
     from megatron.core import parallel_state
 
-    from megatron_anchor import distributed
+    from megatron_anchor import runtime
 
     p = cfg.parallel
-    if not parallel_state.model_parallel_is_initialized():
-        distributed.initialize(p.tensor_model_parallel_size, p.context_parallel_size,
+    owns = not parallel_state.model_parallel_is_initialized()
+    runtime.ensure_initialized(p.tensor_model_parallel_size, p.context_parallel_size,
                                cpu=p.cpu, seed=cfg.seed)
-        return True
-    have = (parallel_state.get_tensor_model_parallel_world_size(),
-            parallel_state.get_context_parallel_world_size())
-    if have != (p.tensor_model_parallel_size, p.context_parallel_size):
-        raise ConfigError(f"process groups already exist with TP, CP = {have}; this run asks "
-                          f"for {p.tensor_model_parallel_size}, {p.context_parallel_size}")
-    if p.cpu:
-        from megatron_anchor.cpu import enable_cpu_mode
-
-        enable_cpu_mode()
-    distributed.manual_seed(cfg.seed, p.cpu)
-    return False
-
-
-from megatron_anchor.training.config import ConfigError  # noqa: E402  (light import)
+    if not owns:
+        runtime.manual_seed(cfg.seed)
+    return owns
 
 
 def _print_header(cfg, dp, train_data, logger) -> None:
@@ -136,7 +134,23 @@ def _print_header(cfg, dp, train_data, logger) -> None:
         f"vocab={m.vocab_size} | {d.global_batch_size} windows x {d.seq_length} tokens/step, "
         f"{cfg.num_microbatches(dp)} micro-batch(es) of {d.micro_batch_size} per rank | "
         f"anchor id={d.anchor_token_id} pad id={d.pad_token_id} | "
-        f"train windows={len(train_data)}")
+        f"train windows={len(train_data)}"
+        f"{'' if d.shuffle_samples else ' (in stream order: --no-sample-shuffle)'}"
+        f"{_memory_features(cfg)}")
+
+
+def _memory_features(cfg) -> str:
+    m, p = cfg.model, cfg.parallel
+    parts = []
+    if m.recompute_granularity == "full":
+        parts.append(f"recompute full/{m.recompute_method}/{m.recompute_num_layers}")
+    elif m.recompute_granularity == "selective":
+        parts.append(f"recompute selective ({','.join(m.recompute_modules or ['core_attn'])})")
+    if p.use_distributed_optimizer:
+        parts.append("distributed optimizer")
+    parts += [name for name, on in (("overlap grad reduce", p.overlap_grad_reduce),
+                                    ("overlap param gather", p.overlap_param_gather)) if on]
+    return f" | {', '.join(parts)}" if parts else ""
 
 
 def _losses(values: dict) -> str:
@@ -153,8 +167,17 @@ def _print_summary(summary) -> None:
         f"first and last {summary.loss_window} steps)" if summary.first_loss is not None else "",
         f"  valid loss       {_losses(summary.first_valid)} -> {_losses(summary.valid)}"
         if summary.valid else "",
+        f"  unigram CE       {summary.valid_unigram_ce:.4f} on the validation targets (the "
+        f"loss of training token frequencies alone; final valid loss "
+        f"{summary.valid['all'] - summary.valid_unigram_ce:+.4f} vs it)"
+        if summary.valid and getattr(summary, "valid_unigram_ce", None) is not None else "",
         f"  tokens/s         {summary.tokens_per_s:.0f} (window slots, all ranks; "
         "first step excluded)",
+        f"  model TFLOP/s    {summary.tflops_per_rank:.4g} per rank over "
+        f"{summary.world_size} rank(s)"
+        + (f", MFU {100 * summary.mfu:.1f}% of {summary.peak_tflops:g} TFLOP/s peak"
+           if summary.mfu is not None else ", MFU: no peak declared (--peak-tflops)")
+        if hasattr(summary, "tflops_per_rank") and summary.iterations > 1 else "",
         f"  train time       {summary.seconds:.1f} s",
         f"  checkpoint       {summary.checkpoint}",
         f"  loss curve       {summary.plot}",
@@ -164,15 +187,13 @@ def _print_summary(summary) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from megatron_anchor.data.indexed import DatasetError
-    from megatron_anchor.training.config import ConfigError
+    from megatron_anchor.cli.common import run_tool
 
-    try:
-        run(argv)
-    except (ConfigError, DatasetError, FileNotFoundError) as err:
-        print(f"megatron-anchor-pretrain: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    def body(args):
+        run(args)
+        return 0
+
+    return run_tool("megatron-anchor-pretrain", body, argv)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,9 @@ A step, top to bottom:
    `loss_func` returns the masked loss *sum* and the trained-token count, and Megatron divides
    the gradients by the trained tokens of the whole global batch (all DP and CP ranks);
 3. the optimizer clips the global gradient norm and steps; the LR scheduler steps.
+
+Throughput is reported as Megatron users read it: model TFLOP/s per rank (GPU) from the
+FLOP count of `training.flops` (attention per THD segment), and MFU against a declared peak.
 """
 
 from __future__ import annotations
@@ -22,7 +25,12 @@ import torch.distributed as dist
 from megatron_anchor.layout import PackedBatch
 from megatron_anchor.model import forward_packed
 from megatron_anchor.training.config import TrainConfig
-from megatron_anchor.training.model_setup import TrainingComponents, current_lr
+from megatron_anchor.training import flops as flops_lib
+from megatron_anchor.training.model_setup import (
+    TrainingComponents,
+    current_lr,
+    param_sync_paused,
+)
 
 
 # ----------------------------------------------------------------------------------------
@@ -51,12 +59,21 @@ def dp_cp_group():
     return parallel_state.get_data_parallel_group(with_context_parallel=True)
 
 
-def reduce_loss_reports(reports: List[dict]) -> float:
-    """Mean loss over the trained tokens of the global batch (all micro-batches, DP, CP)."""
-    total = torch.stack([r["lm loss"] for r in reports]).sum(0).cpu()
+def reduce_loss_reports(reports: List[dict], local_flops: float = 0.0):
+    """Mean loss over the trained tokens of the global batch (all micro-batches, DP, CP), and
+    the sum of `local_flops` over the DP x CP ranks (one all-reduce for both)."""
+    total = torch.stack([r["lm loss"] for r in reports]).sum(0).cpu().double()
+    total = torch.cat([total, torch.tensor([local_flops], dtype=torch.float64)])
     if dist.is_initialized():
         dist.all_reduce(total, group=dp_cp_group())
-    return float(total[0] / total[1].clamp(min=1))
+    return float(total[0] / total[1].clamp(min=1)), float(total[2])
+
+
+def local_training_flops(shape: flops_lib.FlopsShape, microbatches: List[PackedBatch]) -> float:
+    """Model FLOPs of this rank's share of the step: its micro-batches (whole THD sequences:
+    cu_seqlens is global under CP), divided among the CP ranks that compute them together."""
+    total = sum(flops_lib.batch_training_flops(shape, b) for b in microbatches)
+    return total / max(1, microbatches[0].cp_size) if microbatches else 0.0
 
 
 def forward_backward(components: TrainingComponents, microbatches: List[PackedBatch],
@@ -79,13 +96,16 @@ def forward_backward(components: TrainingComponents, microbatches: List[PackedBa
 
 def train_step(components: TrainingComponents, microbatches: List[PackedBatch],
                cfg: TrainConfig) -> Dict[str, float]:
+    """One optimizer step; `flops` is the model FLOP count of the whole global batch."""
     reports = forward_backward(components, microbatches, cfg)
     updated, grad_norm, _ = components.optimizer.step()
     lr = current_lr(components.optimizer)  # the LR this step used
     if updated:
         components.scheduler.step(increment=1)
-    return {"loss": reduce_loss_reports(reports), "grad_norm": float(grad_norm or 0.0),
-            "lr": lr, "skipped": float(not updated)}
+    shape = flops_lib.FlopsShape.from_model_config(cfg.model)
+    loss, step_flops = reduce_loss_reports(reports, local_training_flops(shape, microbatches))
+    return {"loss": loss, "grad_norm": float(grad_norm or 0.0), "lr": lr,
+            "skipped": float(not updated), "flops": step_flops}
 
 
 # ----------------------------------------------------------------------------------------
@@ -141,6 +161,14 @@ class RunSummary:
     checkpoint: Optional[str] = None
     plot: Optional[str] = None
     valid: Dict[str, float] = field(default_factory=dict)
+    # Cross-entropy of the validation targets under the training unigram distribution (the
+    # loss of token frequencies alone); None without validation.
+    valid_unigram_ce: Optional[float] = None
+    # Model TFLOP/s per rank over the timed steps, MFU against peak_tflops (None: no peak).
+    tflops_per_rank: float = 0.0
+    mfu: Optional[float] = None
+    peak_tflops: Optional[float] = None
+    world_size: int = 1
 
 
 def train(cfg: TrainConfig, components: TrainingComponents, train_data, valid_data,
@@ -149,7 +177,11 @@ def train(cfg: TrainConfig, components: TrainingComponents, train_data, valid_da
     log, summary = cfg.logging, RunSummary(start_iteration=start_iteration)
     slots_per_step = cfg.data.global_batch_size * cfg.data.seq_length
     domain_names = list(getattr(valid_data, "domain_names", []) or [])
-    timed_seconds = timed_steps = 0.0
+    summary.world_size = dist.get_world_size() if dist.is_initialized() else 1
+    summary.peak_tflops = peak_tflops(cfg)
+    if valid_data is not None and logger.enabled:
+        summary.valid_unigram_ce = valid_unigram_ce(cfg, train_data, valid_data)
+    timed_seconds = timed_steps = timed_flops = 0.0
     components.model.train()
     for iteration in range(start_iteration, cfg.optim.train_iters):
         started = time.perf_counter()
@@ -157,23 +189,31 @@ def train(cfg: TrainConfig, components: TrainingComponents, train_data, valid_da
         metrics = train_step(components, batches, cfg)
         metrics["step_time_s"] = time.perf_counter() - started
         metrics["tokens_per_s"] = slots_per_step / metrics["step_time_s"]
+        rate = flops_lib.throughput(metrics["flops"], metrics["step_time_s"],
+                                    summary.world_size, summary.peak_tflops)
+        metrics["tflops_per_rank"] = rate["tflops_per_rank"]
+        if rate["mfu"] is not None:
+            metrics["mfu"] = rate["mfu"]
         done = iteration + 1
         if iteration > start_iteration:  # the first step pays one-off warm-up costs
             timed_seconds += metrics["step_time_s"]
             timed_steps += 1
+            timed_flops += metrics["flops"]
         summary.losses.append(metrics["loss"])
         logger.train_step(done, metrics, log_line=done % log.log_interval == 0)
 
         exit_every = cfg.checkpoint.exit_interval
         last = done == cfg.optim.train_iters or bool(exit_every and done % exit_every == 0)
         if valid_data is not None and (last or (log.eval_interval and done % log.eval_interval == 0)):
-            summary.valid = evaluate(components.model, valid_data, microbatches, log.eval_iters,
-                                     domain_names)
+            with param_sync_paused(components):
+                summary.valid = evaluate(components.model, valid_data, microbatches,
+                                         log.eval_iters, domain_names)
             summary.first_valid = summary.first_valid or summary.valid
-            logger.validation(done, summary.valid)
+            logger.validation(done, summary.valid, unigram_ce=summary.valid_unigram_ce)
         interval = cfg.checkpoint.save_interval
         if save_fn is not None and (last or (interval and done % interval == 0)):
-            summary.checkpoint = save_fn(done)
+            with param_sync_paused(components):
+                summary.checkpoint = save_fn(done)
             logger.print(f"saved checkpoint {summary.checkpoint}")
         if last:
             break
@@ -185,4 +225,23 @@ def train(cfg: TrainConfig, components: TrainingComponents, train_data, valid_da
     summary.seconds = timed_seconds
     if timed_steps:
         summary.tokens_per_s = slots_per_step * timed_steps / timed_seconds
+        rate = flops_lib.throughput(timed_flops, timed_seconds, summary.world_size,
+                                    summary.peak_tflops)
+        summary.tflops_per_rank, summary.mfu = rate["tflops_per_rank"], rate["mfu"]
     return summary
+
+
+def peak_tflops(cfg: TrainConfig) -> Optional[float]:
+    """--peak-tflops, else the GPU's dense BF16 peak for --bf16 runs (None on CPU)."""
+    if cfg.logging.peak_tflops:
+        return cfg.logging.peak_tflops
+    if cfg.parallel.cpu:
+        return None
+    return flops_lib.default_peak_tflops(bf16=cfg.model.bf16)
+
+
+def valid_unigram_ce(cfg: TrainConfig, train_data, valid_data) -> float:
+    """The validation windows' unigram cross-entropy (see `windows.unigram_cross_entropy`)."""
+    from megatron_anchor.data.windows import validation_unigram_cross_entropy
+
+    return validation_unigram_cross_entropy(train_data, valid_data, cfg.model.vocab_size)

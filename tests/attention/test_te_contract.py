@@ -9,8 +9,10 @@ import torch
 
 from megatron.core.transformer.enums import AttnMaskType
 
+from megatron_anchor import backends
 from megatron_anchor.attention import te as te_backend
 from megatron_anchor.layout import pack_documents
+from megatron_anchor.model import packed_seq_params
 from megatron_anchor.rope import apply_rope
 
 
@@ -45,7 +47,7 @@ def test_te_receives_thd_rotated_qkv_and_padded_cu_seqlens():
     batch = pack_documents(docs, 64, "anchor", anchor_token_id=1, cp_size=2)
     q, k, v = torch.randn(64, 8, 16), torch.randn(64, 2, 16), torch.randn(64, 2, 16)
     attn = make_attention(cp_size=2)
-    attn(q, k, v, None, packed_seq_params=batch.to_packed_seq_params())
+    attn(q, k, v, None, packed_seq_params=packed_seq_params(batch))
     (call,) = attn.calls
 
     assert call.attn_mask_type == AttnMaskType.padding_causal
@@ -69,7 +71,7 @@ def test_te_refuses_cp_segments_it_would_miscompute():
     batch = pack_documents([[5, 6, 7], [8, 9]], 8, "intra-doc")  # packed for cp_size=1
     with pytest.raises(ValueError, match="multiple of 4"):
         attn(torch.randn(8, 2, 4), torch.randn(8, 2, 4), torch.randn(8, 2, 4), None,
-             packed_seq_params=batch.to_packed_seq_params())
+             packed_seq_params=packed_seq_params(batch))
 
 
 def test_unknown_cp_comm_type_is_refused():
@@ -77,11 +79,11 @@ def test_unknown_cp_comm_type_is_refused():
         make_attention(cp_size=2, cp_comm_type="ring-of-fire")
 
 
-@pytest.mark.skipif(te_backend.transformer_engine_available(), reason="TE is installed here")
+@pytest.mark.skipif(backends.transformer_engine_available(), reason="TE is installed here")
 def test_selecting_te_without_te_is_a_clear_error():
     from megatron_anchor.spec import get_anchor_layer_spec
 
-    with pytest.raises(RuntimeError, match="Transformer Engine"):
+    with pytest.raises(backends.BackendError, match="Transformer Engine"):
         get_anchor_layer_spec("te")
     # Megatron-Core binds TEDotProductAttention to a MagicMock when TE is missing: the
     # guard must not be fooled by it.
@@ -91,22 +93,22 @@ def test_selecting_te_without_te_is_a_clear_error():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not (te_backend.transformer_engine_available() and torch.cuda.is_available()),
+@pytest.mark.skipif(not (backends.transformer_engine_available() and torch.cuda.is_available()),
                     reason="needs Transformer Engine and a CUDA GPU")
 def test_real_te_matches_local_backend_on_gpu():
     from megatron.core import parallel_state
 
-    from megatron_anchor import distributed
+    from megatron_anchor import runtime
     from megatron_anchor.model import ModelConfig, build_model, forward_packed
 
     if not parallel_state.model_parallel_is_initialized():
-        distributed.initialize(1, 1, cpu=False, seed=3)
+        runtime.initialize(1, 1, cpu=False, seed=3)
     rng = random.Random(1)
     docs = [[rng.randrange(2, 500) for _ in range(rng.choice([1, 40, 300, 900]))] for _ in range(30)]
     batch = pack_documents(docs, 4096, "anchor", anchor_token_id=1).to("cuda")
     logits = {}
     for backend in ("local", "te"):
-        distributed.manual_seed(3, cpu=False)
+        runtime.manual_seed(3)
         cfg = ModelConfig(num_layers=2, hidden_size=256, num_attention_heads=8,
                           num_query_groups=4, vocab_size=512, bf16=True,
                           attention_backend=backend)

@@ -24,11 +24,37 @@ def write_jsonl(path, records, gz=False):
     return str(path)
 
 
-def preprocess(input_path, output_prefix, *extra, tokenizer=("--tokenizer-type", "ByteTokenizer")):
-    from megatron_anchor.data.preprocess import main
+def preprocess_argv(input_path, output_prefix, *extra,
+                    tokenizer=("--tokenizer-type", "ByteTokenizer")):
+    return ["--input", str(input_path), "--output-prefix", str(output_prefix), *tokenizer,
+            *extra]
 
-    argv = ["--input", str(input_path), "--output-prefix", str(output_prefix), *tokenizer, *extra]
-    return main(argv)
+
+def preprocess(input_path, output_prefix, *extra, tokenizer=("--tokenizer-type", "ByteTokenizer")):
+    """The library run on the tool's flags: returns the summary, raises DatasetError."""
+    from megatron_anchor.cli.preprocess_data import build_parser, config_from_args
+    from megatron_anchor.data.preprocess import preprocess as run
+
+    argv = preprocess_argv(input_path, output_prefix, *extra, tokenizer=tokenizer)
+    return run(config_from_args(build_parser().parse_args(argv)))
+
+
+def run_main(main, argv, capsys):
+    """A tool's `main(argv)` in-process: (exit status, stdout, stderr)."""
+    capsys.readouterr()
+    status = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def assert_one_line_error(status, err, *fragments):
+    """Exit status 2 and one stderr line `prog: error: ...` holding every fragment."""
+    assert status == 2, (status, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and ": error: " in lines[0], err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
 
 
 def null_tokenizer(vocab_size=60000):

@@ -1,10 +1,17 @@
 """merge_datasets: shards concatenated in order by Megatron's builder, tag stores unioned."""
 
-import pytest
+import json
 
-from data_helpers import null_tokenizer, preprocess, read_bytes, write_jsonl
+from data_helpers import (
+    assert_one_line_error,
+    null_tokenizer,
+    preprocess,
+    read_bytes,
+    run_main,
+    write_jsonl,
+)
+from megatron_anchor.cli.merge_datasets import main as merge_cli
 from megatron_anchor.data.indexed import megatron_indexed, open_dataset
-from megatron_anchor.data.merge import main as merge_main
 
 SHARD_A = [{"text": "1 2 3", "meta": {"s": "web"}}, {"text": "4", "meta": {"s": "code"}}]
 SHARD_B = [{"text": "5 6", "meta": {"s": "books"}}, {"text": "7 8 9", "meta": {"s": "web"}},
@@ -18,11 +25,20 @@ def _shard(tmp_path, name, records, *extra):
     return str(tmp_path / "shards" / f"{name}_text_document")
 
 
-def test_merge_with_tags_equals_preprocessing_everything_at_once(tmp_path):
+def merge_main(argv, capsys):
+    """The tool in-process with --json: its summary (a failure is one stderr line, status 2)."""
+    capsys.readouterr()
+    status = merge_cli(argv + ["--json"])
+    out, err = capsys.readouterr()
+    assert status == 0, err
+    return json.loads(out)
+
+
+def test_merge_with_tags_equals_preprocessing_everything_at_once(tmp_path, capsys):
     _shard(tmp_path, "a", SHARD_A)
     _shard(tmp_path, "b", SHARD_B)
     summary = merge_main(["--input", str(tmp_path / "shards"), "--output-prefix",
-                          str(tmp_path / "merged")])
+                          str(tmp_path / "merged")], capsys)
     assert summary["documents"] == 5 and summary["tokens"] == 10
     merged = open_dataset(str(tmp_path / "merged"))  # validates the tag store checksum
     assert [merged.indexed[i].tolist() for i in range(5)] == [[1, 2, 3], [4], [5, 6], [7, 8, 9], [10]]
@@ -37,24 +53,25 @@ def test_merge_with_tags_equals_preprocessing_everything_at_once(tmp_path):
     assert reader.document_indices.tolist() == [0, 1, 2, 3, 4, 5]
 
 
-def test_merge_refuses_mixed_dtypes(tmp_path):
+def test_merge_refuses_mixed_dtypes(tmp_path, capsys):
     a = _shard(tmp_path, "a", SHARD_A)
     path = write_jsonl(tmp_path / "big.jsonl", [{"text": "1", "meta": {"s": "x"}}])
     preprocess(path, tmp_path / "big", "--domain-key", "meta.s", tokenizer=null_tokenizer(70000))
-    with pytest.raises(SystemExit, match="different token dtypes"):
-        merge_main(["--datasets", a, str(tmp_path / "big_text_document"),
-                    "--output-prefix", str(tmp_path / "m")])
+    status, _, err = run_main(merge_cli, ["--datasets", a, str(tmp_path / "big_text_document"),
+                                          "--output-prefix", str(tmp_path / "m")], capsys)
+    assert_one_line_error(status, err, "different token dtypes")
     assert not (tmp_path / "m.bin").exists()
 
 
-def test_merge_untagged_shard_needs_default_domain(tmp_path):
+def test_merge_untagged_shard_needs_default_domain(tmp_path, capsys):
     a = _shard(tmp_path, "a", SHARD_A)
     path = write_jsonl(tmp_path / "u.jsonl", [{"text": "11 12"}])
     preprocess(path, tmp_path / "u", tokenizer=null_tokenizer(100))
     untagged = str(tmp_path / "u_text_document")
-    with pytest.raises(SystemExit, match="--default-domain"):
-        merge_main(["--datasets", a, untagged, "--output-prefix", str(tmp_path / "m")])
+    status, _, err = run_main(merge_cli, ["--datasets", a, untagged, "--output-prefix",
+                                          str(tmp_path / "m")], capsys)
+    assert_one_line_error(status, err, "--default-domain")
     merge_main(["--datasets", a, untagged, "--output-prefix", str(tmp_path / "m"),
-                "--default-domain", "misc"])
+                "--default-domain", "misc"], capsys)
     merged = open_dataset(str(tmp_path / "m"))
     assert [merged.domains.name_of(i) for i in range(3)] == ["web", "code", "misc"]

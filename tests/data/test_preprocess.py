@@ -9,14 +9,18 @@ import numpy as np
 import pytest
 
 from data_helpers import (
+    assert_one_line_error,
     build_null_dataset,
     doc_tokens,
     files_in,
     null_tokenizer,
     preprocess,
+    preprocess_argv,
     read_bytes,
+    run_main,
     write_jsonl,
 )
+from megatron_anchor.cli.preprocess_data import main as preprocess_main
 from megatron_anchor.data.indexed import DatasetError, megatron_indexed, open_dataset
 
 CORPUS = [
@@ -97,13 +101,12 @@ BAD_LINES = [
 
 
 @pytest.mark.parametrize("bad,reason", BAD_LINES)
-def test_bad_line_is_a_clear_error_naming_file_and_line(tmp_path, bad, reason):
+def test_bad_line_is_a_clear_error_naming_file_and_line(tmp_path, capsys, bad, reason):
     good = b'{"text": "fine", "meta": {"set": "a"}}'
     path = write_jsonl(tmp_path / "in.jsonl", [good, good, bad, good])
-    with pytest.raises(SystemExit) as err:
-        preprocess(path, tmp_path / "out", "--domain-key", "meta.set")
-    message = str(err.value)
-    assert f"{path}:3:" in message and reason in message
+    status, _, err = run_main(preprocess_main, preprocess_argv(
+        path, tmp_path / "out", "--domain-key", "meta.set"), capsys)
+    assert_one_line_error(status, err, f"{path}:3:", reason)
     assert files_in(tmp_path) == ["in.jsonl"]  # nothing written, no temporaries left
 
 
@@ -124,9 +127,11 @@ def test_default_domain_fills_missing_domains(tmp_path):
     assert summary["domains"] == {"x": 1, "web": 1}
 
 
-def test_empty_input_is_an_error(tmp_path):
+def test_empty_input_is_an_error(tmp_path, capsys):
     path = write_jsonl(tmp_path / "in.jsonl", [])
-    with pytest.raises(SystemExit, match="no documents"):
+    status, _, err = run_main(preprocess_main, preprocess_argv(path, tmp_path / "out"), capsys)
+    assert_one_line_error(status, err, "no documents")
+    with pytest.raises(DatasetError, match="no documents"):  # the library's own error
         preprocess(path, tmp_path / "out")
     assert files_in(tmp_path) == ["in.jsonl"]
 
@@ -136,7 +141,7 @@ def test_failed_run_leaves_previous_output_untouched(tmp_path):
     preprocess(path, tmp_path / "out")
     before = read_bytes(tmp_path / "out_text_document.bin")
     write_jsonl(tmp_path / "in.jsonl", [{"text": "second"}, b"{broken"])
-    with pytest.raises(SystemExit):
+    with pytest.raises(DatasetError):
         preprocess(path, tmp_path / "out")
     assert read_bytes(tmp_path / "out_text_document.bin") == before
     assert files_in(tmp_path) == ["in.jsonl", "out_text_document.bin", "out_text_document.idx"]
@@ -201,12 +206,12 @@ def test_wrong_dtype_is_detected(tmp_path):
 
 @pytest.fixture(scope="module")
 def trained_tokenizer(tmp_path_factory):
-    from megatron_anchor.data.train_tokenizer import train_tokenizer
+    from megatron_anchor.data.train_tokenizer import TokenizerTrainingConfig, train_tokenizer
 
     tmp = tmp_path_factory.mktemp("tok")
     texts = [{"text": f"the quick brown fox {i} jumps over the lazy dog. " * 3} for i in range(200)]
     path = write_jsonl(tmp / "c.jsonl", texts)
-    train_tokenizer([path], str(tmp / "tokenizer.json"), vocab_size=400)
+    train_tokenizer(TokenizerTrainingConfig([path], str(tmp / "tokenizer.json"), vocab_size=400))
     return tmp
 
 
@@ -282,8 +287,10 @@ def test_split_sentences_concatenates_into_one_document(tmp_path):
 
 def test_json_summary_output(tmp_path, capsys):
     path = write_jsonl(tmp_path / "in.jsonl", CORPUS[:4])
-    preprocess(path, tmp_path / "out", "--domain-key", "meta.set", "--json")
-    summary = json.loads(capsys.readouterr().out)
+    status, out, _ = run_main(preprocess_main, preprocess_argv(
+        path, tmp_path / "out", "--domain-key", "meta.set", "--json"), capsys)
+    assert status == 0
+    summary = json.loads(out)
     assert summary["documents"] == 4
     assert summary["domains"] == {"news": 2, "code": 1, "books": 1}
     assert summary["tokens"]["text"] == sum(

@@ -6,14 +6,15 @@ import statistics
 import pytest
 
 import megatron_anchor.data.sample_corpus as sc
-from data_helpers import read_bytes
+from data_helpers import assert_one_line_error, read_bytes
+from megatron_anchor.cli.build_sample_corpus import main
 
 SMALL = ["--max-bytes", "300000", "--max-document-bytes", "200000"]
 
 
 def _build(tmp_path, name, *extra):
     out = tmp_path / name
-    sc.main(["--output", str(out), *SMALL, *extra])
+    assert main(["--output", str(out), *SMALL, *extra]) == 0
     return out, [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
 
 
@@ -34,13 +35,17 @@ def test_corpus_is_deterministic_and_seeded(tmp_path):
     assert read_bytes(a) != read_bytes(c)
 
 
-def test_missing_sources_fall_back_but_need_three_domains(tmp_path, monkeypatch):
+def test_missing_sources_fall_back_but_need_three_domains(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sc.SOURCES, "man", lambda: [])  # e.g. a slim image without man pages
     _, records = _build(tmp_path, "c.jsonl")
     assert {r["meta"]["source"] for r in records} == {"code", "docs", "legal"}
     monkeypatch.setitem(sc.SOURCES, "legal", lambda: [])
-    with pytest.raises(SystemExit, match="at least 3"):
-        _build(tmp_path, "d.jsonl")
+    capsys.readouterr()
+    status = main(["--output", str(tmp_path / "d.jsonl"), *SMALL])
+    assert_one_line_error(status, capsys.readouterr().err, "at least 3")
+    assert not (tmp_path / "d.jsonl").exists()
+    with pytest.raises(sc.DatasetError, match="at least 3"):  # the library's own error
+        sc.build_corpus(sc.SampleCorpusConfig(max_bytes=300000, max_document_bytes=200000))
 
 
 def test_budget_limits_per_domain(tmp_path):

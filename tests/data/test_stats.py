@@ -5,14 +5,15 @@ import json
 import pytest
 
 from data_helpers import build_null_dataset
-from megatron_anchor.data.stats import length_histogram, main
+from megatron_anchor.cli.dataset_stats import main
+from megatron_anchor.data.stats import length_histogram
 
 
 def test_statistics_of_a_known_layout(tmp_path, capsys):
     prefix = build_null_dataset(tmp_path, "d", [4] * 8, ["a"] * 6 + ["b"] * 2)
     plot = tmp_path / "hist.png"
     capsys.readouterr()  # drop the preprocessing summary
-    main(["--data-path", prefix, "--seq-length", "16", "--plot", str(plot), "--json"])
+    assert main(["--data-path", prefix, "--seq-length", "16", "--plot", str(plot), "--json"]) == 0
     stats = json.loads(capsys.readouterr().out)
     assert stats["documents"] == 8 and stats["tokens"] == 32
     assert stats["documents_per_domain"] == {"a": 6, "b": 2}

@@ -4,7 +4,7 @@ import json
 import random
 
 from data_helpers import read_bytes, write_jsonl
-from megatron_anchor.data.train_tokenizer import main
+from megatron_anchor.cli.train_tokenizer import main
 
 
 def _corpus(tmp_path):
@@ -20,7 +20,8 @@ def test_training_is_deterministic_with_special_tokens(tmp_path):
 
     corpus = _corpus(tmp_path)
     for name in ("a.json", "b.json"):
-        main(["--input", corpus, "--vocab-size", "500", "--output", str(tmp_path / name)])
+        assert main(["--input", corpus, "--vocab-size", "500", "--output",
+                     str(tmp_path / name)]) == 0
     assert read_bytes(tmp_path / "a.json") == read_bytes(tmp_path / "b.json")
     tok = Tokenizer.from_file(str(tmp_path / "a.json"))
     assert tok.get_vocab_size() == 500
@@ -29,3 +30,12 @@ def test_training_is_deterministic_with_special_tokens(tmp_path):
     ids = tok.encode(text).ids
     assert tok.decode(ids) == text  # byte-level: lossless, any text encodable
     assert len(ids) < 0.7 * len(text.encode())  # merges were learned from the corpus
+
+
+def test_bad_line_is_one_line_naming_file_and_line(tmp_path, capsys):
+    from data_helpers import assert_one_line_error, run_main
+
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"text": "fine"}, b'{"text": broken'])
+    status, _, err = run_main(main, ["--input", corpus, "--output", tmp_path / "t.json"], capsys)
+    assert_one_line_error(status, err, f"{corpus}:2:")
+    assert not (tmp_path / "t.json").exists()

@@ -10,7 +10,11 @@ from megatron_anchor.data.indexed import DatasetError
 from megatron_anchor.data.windows import (
     WindowConfig,
     WindowDataset,
+    consecutive_step_overlap,
     split_range,
+    target_counts,
+    unigram_cross_entropy,
+    validation_unigram_cross_entropy,
     upsample_keep_mask,
 )
 from megatron_anchor.layout import KIND_DOC, collate
@@ -84,6 +88,88 @@ def test_resume_from_any_sample_index(corpus):
         assert torch.equal(resumed[i].tokens, expected[i])
 
 
+def test_samples_are_shuffled_within_each_epoch(corpus):
+    """Megatron's shuffle_index on top of the document shuffle: epoch e's windows are served,
+    permuted, before any window of epoch e+1; a partly used epoch is packed whole."""
+    k = len(WindowDataset(corpus["prefix"], _config()))  # windows of one epoch
+    ds = WindowDataset(corpus["prefix"], _config(num_samples=2 * k + k // 2))
+    assert len(ds) == 2 * k + k // 2
+    blocks = ds.blocks  # the epoch each packed window starts in
+    assert list(blocks[:k]) == [0] * k and blocks[-1] == 2 and np.all(np.diff(blocks) >= 0)
+    assert ds.num_windows == len(blocks) > len(ds)  # the third epoch is packed whole
+    served = blocks[ds.order]
+    assert np.all(np.diff(served) >= 0)  # epoch by epoch
+    for epoch in (0, 1):  # each full epoch: all its windows, permuted
+        assert sorted(ds.order[served == epoch]) == list(np.flatnonzero(blocks == epoch))
+    assert list(ds.order[:k]) != list(range(k))  # actually shuffled
+    plain = WindowDataset(corpus["prefix"], _config(num_samples=2 * k, shuffle_samples=False))
+    assert list(plain.order) == list(range(2 * k))
+    for i in range(2 * k):  # the same windows, only served in another order
+        assert torch.equal(ds[i].tokens, plain[int(ds.order[i])].tokens)
+
+
+def test_sample_order_does_not_depend_on_the_run_length(corpus):
+    short = WindowDataset(corpus["prefix"], _config(num_samples=10))
+    long_ = WindowDataset(corpus["prefix"], _config(num_samples=3 * len(short.order) + 50))
+    for i in range(10):
+        assert torch.equal(short[i].tokens, long_[i].tokens)
+        assert short.window_pieces(i) == long_.window_pieces(i)
+
+
+def test_sample_shuffle_separates_consecutive_steps_of_long_documents(tmp_path):
+    prefix = build_null_dataset(tmp_path, "long", [1500] * 40 + [40] * 20)
+    plain = WindowDataset(prefix, _config(shuffle_samples=False))
+    mixed = WindowDataset(prefix, _config())
+    before = consecutive_step_overlap(plain, 2)
+    after = consecutive_step_overlap(mixed, 2)
+    assert before > 0.8 and after < 0.25, (before, after)
+
+
+def test_consecutive_step_overlap_hand_count():
+    class Steps:  # one window per step: a, a, b, (c b), d, e
+        windows = [["a"], ["a"], ["b"], ["c", "b"], ["d"], ["e"]]
+
+        def __len__(self):
+            return len(self.windows)
+
+        def window_pieces(self, i):
+            return [(0, doc, 0, 1) for doc in self.windows[i]]
+
+    assert consecutive_step_overlap(Steps(), 1) == pytest.approx(2 / 5)
+    assert consecutive_step_overlap(Steps(), 2) == 0.0  # {a} {b, c} {d, e}
+    assert consecutive_step_overlap(Steps(), 3) == 1.0  # {a, b} {b, c, d, e}
+    assert consecutive_step_overlap(Steps(), 1, num_steps=2) == 1.0
+    assert consecutive_step_overlap(Steps(), 6) == 0.0
+
+
+def test_unigram_cross_entropy_hand_count():
+    from types import SimpleNamespace
+
+    windows = [SimpleNamespace(labels=torch.tensor([1, 1, 2, 3]),
+                               loss_mask=torch.tensor([1.0, 1.0, 1.0, 0.0])),
+               SimpleNamespace(labels=torch.tensor([2, 5]), loss_mask=torch.tensor([1.0, 0.0]))]
+    # targets 1, 1, 2, 2 (3 and 5 are masked)
+    assert target_counts(windows).tolist() == [0, 2, 2]
+    assert target_counts(windows, vocab_size=6).tolist() == [0, 2, 2, 0, 0, 0]
+    assert target_counts(windows, max_tokens=2).tolist() == [0, 2, 1]  # stops after window 0
+    # reference counts [0, 2, 1, 0] + add-one over 4 tokens: q = [1, 3, 2, 1] / 7
+    ce = unigram_cross_entropy(np.array([0, 2, 2]), np.array([0, 2, 1]), vocab_size=4)
+    assert ce == pytest.approx(-(2 * np.log(3 / 7) + 2 * np.log(2 / 7)) / 4)
+    # the targets' own distribution with a huge reference: its entropy, ln 2
+    assert unigram_cross_entropy(np.array([0, 2, 2]), np.array([0, 10**9, 10**9]), 3) \
+        == pytest.approx(np.log(2), abs=1e-6)
+
+
+def test_validation_unigram_cross_entropy(corpus):
+    train = WindowDataset(corpus["prefix"], _config(split="80,20,0"))
+    valid = WindowDataset(corpus["prefix"], _config(split="80,20,0", split_name="valid"))
+    ce = validation_unigram_cross_entropy(train, valid, vocab_size=60000)
+    # The synthetic documents share no token ids across documents: every validation target
+    # is unseen in training, so its probability is 1 / (train targets + vocabulary).
+    n_train = int(target_counts(train).sum())
+    assert ce == pytest.approx(np.log(n_train + 60000))
+
+
 def test_later_epochs_reshuffle_and_repeat_each_document_once(corpus):
     one = WindowDataset(corpus["prefix"], _config())
     ds = WindowDataset(corpus["prefix"], _config(num_samples=3 * len(one)))
@@ -94,7 +180,12 @@ def test_later_epochs_reshuffle_and_repeat_each_document_once(corpus):
 
 
 def test_blend_weights_set_token_shares(corpus):
-    ds = WindowDataset(f"1 {corpus['prefix']} 3 {corpus['other']}", _config(num_samples=60))
+    blend = f"1 {corpus['prefix']} 3 {corpus['other']}"
+    # Samples are shuffled within blocks of one pass over the split's tokens (a blend's
+    # epoch); serving whole blocks (the default length is one) serves every packed window.
+    block = len(WindowDataset(blend, _config()))
+    ds = WindowDataset(blend, _config(num_samples=2 * block))
+    assert len(ds) == ds.num_windows == 2 * block
     tokens = np.zeros(2)
     for i in range(len(ds)):
         for s, _, first, stop in ds.window_pieces(i):
@@ -168,6 +259,7 @@ def test_index_cache_is_reused(corpus, monkeypatch):
                         lambda self: pytest.fail("index rebuilt despite the cache"))
     second = WindowDataset(corpus["prefix"], _config(index_cache_dir=str(cache)))
     assert np.array_equal(first.starts, second.starts)
+    assert np.array_equal(first.order, second.order)
     assert torch.equal(first[3].tokens, second[3].tokens)
 
 
@@ -175,7 +267,10 @@ def test_drop_last_drops_only_a_partial_final_window(corpus):
     keep = WindowDataset(corpus["prefix"], _config())
     drop = WindowDataset(corpus["prefix"], _config(drop_last=True))
     assert len(drop) == len(keep) - 1
-    assert (keep[len(keep) - 1].document_ids < 0).any()
+    # The partial window is the last one packed; the sample shuffle serves it anywhere.
+    partial = [i for i in range(len(keep)) if (keep[i].document_ids < 0).any()]
+    assert partial == [int(np.flatnonzero(keep.order == keep.num_windows - 1)[0])]
+    assert not any((drop[i].document_ids < 0).any() for i in range(len(drop)))
 
 
 def test_interleaved_windows_permute_positions_only(corpus):

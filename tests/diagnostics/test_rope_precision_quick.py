@@ -9,14 +9,16 @@ import json
 
 import pytest
 
-from megatron_anchor.diagnostics import rope_precision
+from megatron_anchor.cli import rope_precision as rope_cli
+from megatron_anchor.data.indexed import DatasetError
+from megatron_anchor.diagnostics import rope_inputs
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory, smollm2):
     out = tmp_path_factory.mktemp("rope_precision")
-    rope_precision.main(["--quick", "--output-dir", str(out), "--json", str(out / "s.json"),
-                         "--no-progress"])
+    assert rope_cli.main(["--quick", "--output-dir", str(out), "--json", str(out / "s.json"),
+                          "--no-progress"]) == 0
     return out, json.loads((out / "s.json").read_text())
 
 
@@ -67,21 +69,22 @@ def test_document_masked_layouts_measured(quick_run):
 def test_documents_from_a_dataset_prefix(tmp_path):
     """--data-path reads whole documents, each cut to --max-document-tokens and never
     running into the next one; a missing or truncated dataset is a one-line error."""
-    from megatron_anchor.data.preprocess import main as preprocess
+    from megatron_anchor.cli.preprocess_data import main as preprocess
 
     texts = ["short one", "x" * 500, "a medium-sized document here"]
     jsonl = tmp_path / "c.jsonl"
     jsonl.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    preprocess(["--input", str(jsonl), "--output-prefix", str(tmp_path / "c"),
-                "--tokenizer-type", "ByteTokenizer", "--append-eod"])
+    assert preprocess(["--input", str(jsonl), "--output-prefix", str(tmp_path / "c"),
+                       "--tokenizer-type", "ByteTokenizer", "--append-eod"]) == 0
     prefix = str(tmp_path / "c_text_document")
-    args = rope_precision.parse_args(["--data-path", prefix, "--seq-length", "64",
-                                      "--max-document-tokens", "40"])
-    docs, origin = rope_precision.load_documents(args, source=None, tokens_needed=10_000)
+    config = rope_cli.config_from_args(rope_cli.build_parser().parse_args(
+        ["--data-path", prefix, "--seq-length", "64", "--max-document-tokens", "40"]))
+    docs, origin = rope_inputs.load_documents(config, source=None, tokens_needed=10_000)
     assert prefix in origin
     # Byte tokens plus EOD: 10, 501 -> cut to 40, 29.
     assert sorted(len(d) for d in docs) == [10, 29, 40]
 
-    bad = rope_precision.parse_args(["--data-path", str(tmp_path / "missing")])
-    with pytest.raises(SystemExit, match="dataset file not found"):
-        rope_precision.load_documents(bad, source=None, tokens_needed=10)
+    bad = rope_cli.config_from_args(rope_cli.build_parser().parse_args(
+        ["--data-path", str(tmp_path / "missing")]))
+    with pytest.raises(DatasetError, match="dataset file not found"):
+        rope_inputs.load_documents(bad, source=None, tokens_needed=10)

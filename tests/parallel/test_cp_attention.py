@@ -78,14 +78,14 @@ def _guard_messages():
 
 
 def _worker(rank, world_size, batches):
-    from megatron_anchor import distributed
+    from megatron_anchor import runtime
 
-    distributed.initialize(1, CP, cpu=True, seed=5)
+    runtime.initialize(1, CP, cpu=True, seed=5)
     try:
         diffs = {key: _attention_case(batch, seed=i) for i, (key, batch) in enumerate(batches.items())}
         return {"diffs": diffs, "guard": _guard_messages()}
     finally:
-        distributed.destroy()
+        runtime.destroy()
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,9 @@ from megatron_anchor.layout import (
 )
 from megatron_anchor.parallel.sharding import join_shards, split_for_rank
 from megatron_anchor.parallel.te_cp import check_te_cp_comm_type
+from megatron_anchor.cli.verify_parity import main as verify_parity_main
 from megatron_anchor.parallel.verify_parity import (
-    parse_args, parse_length_distribution, synthetic_documents,
+    parse_length_distribution, synthetic_documents,
 )
 
 
@@ -86,7 +87,7 @@ def test_divisibility_guard_in_every_entry_point():
     for name, call in calls.items():
         with pytest.raises(ValueError, match=r"multiple of 4, but segment 0 has length 6"):
             call()
-    with pytest.raises(ValueError, match="multiple of 2\\*cp_size"):
+    with pytest.raises(ValueError, match="multiple of 2 x --context-parallel-size = 4"):
         pack_documents([[3] * 5], 10, "anchor", anchor_token_id=1, cp_size=2)
     check_cp_divisibility(cu, 1)  # no CP: any length is fine
 
@@ -124,17 +125,20 @@ def test_parity_tool_refuses_bad_settings(capsys):
     for argv, message in [
         (["--layouts", "tp1cp1"], "at least two layouts"),
         (["--layouts", "tp1cp1,tp2x"], "bad layout"),
-        (["--layouts", "tp1cp1,tp1cp4", "--seq-length", "100"], "multiple of 2·lcm"),
-        (["--layouts", "tp1cp1,tp4cp1", "--num-query-groups", "2"], "does not divide by TP=4"),
-        (["--cpu", "--attention-backend", "te"], "needs GPUs"),
-        (["--variants", "anchor,nope"], "bad --variants"),
+        (["--layouts", "tp1cp1,tp1cp4", "--seq-length", "100"],
+         "--seq-length 100 must be a positive multiple of 2 x --context-parallel-size = 8"),
+        (["--layouts", "tp1cp1,tp4cp1", "--num-query-groups", "2"],
+         "--num-query-groups 2 does not divide by --tensor-model-parallel-size 4"),
+        (["--cpu", "--attention-backend", "te"], "needs a GPU"),
+        (["--variants", "anchor,nope"], "unknown attention variant 'nope'"),
+        (["--load", "/nonexistent/ckpt"], "no such checkpoint directory"),
         (["--doc-length-dist", "gamma:1,2"], "bad --doc-length-dist"),
         (["--layouts", "tp1cp1,tp2cp1", "--debug-wrong-cp-chunks"], "needs a layout with CP > 1"),
     ]:
-        with pytest.raises(SystemExit) as exit_info:
-            parse_args(argv)
-        assert exit_info.value.code == 2
-        assert message in capsys.readouterr().err
+        assert verify_parity_main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err, err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
 def test_synthetic_documents_are_deterministic_and_fill_the_window():

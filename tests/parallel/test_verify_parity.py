@@ -20,13 +20,14 @@ ODD_DOCUMENTS = ["--doc-length-dist", "list:7,1,13,30,1,5,22,57,3,9", "--seq-len
 
 
 def _run_tool(rank, world_size, argv):
-    from megatron_anchor.distributed import destroy
+    from megatron_anchor import runtime
+    from megatron_anchor.cli.verify_parity import config_from_argv
     from megatron_anchor.parallel import verify_parity
 
     try:
-        return verify_parity.run(argv)
+        return verify_parity.run(config_from_argv(argv))
     finally:
-        destroy()
+        runtime.destroy()
 
 
 @pytest.fixture(scope="module")
@@ -97,38 +98,46 @@ def _run_in_own_session(command, cwd, env, timeout):
     return process.returncode, stdout, stderr
 
 
-def _save_then_check_loaded(rank, world_size, checkpoint_dir, argv):
-    """Save a seeded TP=1 model as a Megatron dist checkpoint, then run the tool on it and
-    on the same seed without it: both must see the same weights (same reference loss)."""
-    from megatron.core import dist_checkpointing, parallel_state
+def _save_then_check_loaded(rank, world_size, root, argv):
+    """Save a seeded TP=1 model through the checkpoint module, then run the tool on it and
+    on the same seed without it: both must see the same weights (same reference loss).
+    With --load the architecture is the checkpoint's: a contradicting flag is refused."""
+    import dataclasses
 
-    from megatron_anchor import distributed
+    from megatron.core import parallel_state
+
+    from megatron_anchor import checkpoint, runtime
+    from megatron_anchor.cli.verify_parity import config_from_argv
     from megatron_anchor.model import build_model
     from megatron_anchor.parallel import verify_parity
 
-    args = verify_parity.parse_args(argv)
-    distributed.initialize(1, 1, cpu=True, seed=args.seed)
-    distributed.manual_seed(args.seed, cpu=True)  # as the tool seeds its own model
-    model = build_model(verify_parity.model_config(args, "fp32"))
-    dist_checkpointing.save({"model": model.sharded_state_dict()}, checkpoint_dir)
-    if rank == 0:
-        with open(os.path.join(checkpoint_dir, verify_parity.MODEL_CONFIG_FILE), "w") as f:
-            f.write(args.model.to_json())
+    config = config_from_argv(argv)
+    runtime.initialize(1, 1, cpu=True, seed=config.seed)
+    runtime.manual_seed(config.seed)  # as the tool seeds its own model
+    model = build_model(dataclasses.replace(config.model, bf16=False))
+    checkpoint.save_model(model, config.model, root, iteration=7)
     parallel_state.destroy_model_parallel()
     try:
-        seeded = verify_parity.run(argv)
-        loaded = verify_parity.run([*argv, "--load", checkpoint_dir, "--num-layers", "1"])
+        seeded = verify_parity.run(config)
+        without_architecture = argv[:argv.index(TINY_MODEL[0])] + ["--seed", "3"] + \
+            argv[argv.index(TINY_MODEL[0]) + len(TINY_MODEL):]
+        loaded = verify_parity.run(config_from_argv([*without_architecture, "--load", root]))
+        try:
+            config_from_argv([*argv, "--load", root, "--num-layers", "1"])
+            refused = None
+        except checkpoint.CheckpointError as err:
+            refused = str(err)
     finally:
-        distributed.destroy()
-    return seeded, loaded
+        runtime.destroy()
+    return seeded, loaded, refused
 
 
-def test_load_a_dist_checkpoint_into_every_layout(tmp_path):
+def test_load_a_checkpoint_into_every_layout(tmp_path):
     argv = ["--cpu", "--layouts", "tp1cp1,tp2cp1", "--variants", "anchor", "--dtypes", "fp32",
             *TINY_MODEL, *ODD_DOCUMENTS]
-    checkpoint = str(tmp_path / "ckpt")
-    os.makedirs(checkpoint)
-    seeded, loaded = run_on_ranks(_save_then_check_loaded, 2, checkpoint, argv)[0]
-    assert loaded["passed"] and loaded["model"]["num_layers"] == 2  # the saved config won
+    seeded, loaded, refused = run_on_ranks(_save_then_check_loaded, 2, str(tmp_path / "ckpt"),
+                                           argv)[0]
+    assert loaded["passed"] and loaded["model"]["num_layers"] == 2  # the saved architecture
     assert loaded["rows"][0]["loss"] == seeded["rows"][0]["loss"]
     assert loaded["rows"][1]["rel_logit_diff"] <= 1e-5
+    assert refused is not None and "--num-layers 1" in refused and "num_layers = 2" in refused

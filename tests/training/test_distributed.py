@@ -20,16 +20,16 @@ def _tp2_logits(rank, world_size, checkpoint, batch):
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-    from megatron_anchor import distributed
+    from megatron_anchor import runtime
     from megatron_anchor.model import forward_packed
-    from megatron_anchor.training.checkpoint import load_model_from_checkpoint
+    from megatron_anchor.checkpoint import load_model
 
-    model, _ = load_model_from_checkpoint(checkpoint, tp=2, cp=1, cpu=True)
+    model, _ = load_model(checkpoint, tp=2, cp=1, cpu=True)
     assert parallel_state.get_tensor_model_parallel_world_size() == 2
     with torch.no_grad():
         logits, _ = forward_packed(model, batch)
         full = gather_from_tensor_model_parallel_region(logits)
-    distributed.destroy()
+    runtime.destroy()
     return full
 
 
@@ -52,12 +52,12 @@ def test_tp2_training_matches_tp1_and_tp1_checkpoint_loads_at_tp2(byte_corpus, t
 
 
 def _tp1_logits(rank, world_size, checkpoint, batch):
-    from megatron_anchor import distributed
+    from megatron_anchor import runtime
     from megatron_anchor.model import forward_packed
-    from megatron_anchor.training.checkpoint import load_model_from_checkpoint
+    from megatron_anchor.checkpoint import load_model
 
-    model, _ = load_model_from_checkpoint(checkpoint, tp=1, cp=1, cpu=True)
+    model, _ = load_model(checkpoint, tp=1, cp=1, cpu=True)
     with torch.no_grad():
         logits, _ = forward_packed(model, batch)
-    distributed.destroy()
+    runtime.destroy()
     return logits

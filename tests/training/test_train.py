@@ -108,26 +108,30 @@ def test_loss_and_grads_are_per_trained_token(megatron_cpu, byte_corpus):
 def test_checkpoint_round_trip_load_model(megatron_cpu, byte_corpus, tmp_path):
     from megatron_anchor.layout import pack_documents
     from megatron_anchor.model import forward_packed
-    from megatron_anchor.training.checkpoint import load_model_from_checkpoint
-    from megatron_anchor.training.config import ConfigError
+    from megatron_anchor.checkpoint import load_model
+    from megatron_anchor.checkpoint import CheckpointError
+    from megatron_anchor.layout import LayoutError
+    from megatron_anchor.runtime import ParallelLayoutError
 
     save = str(tmp_path / "ck")
     run(tiny_argv(byte_corpus, "--train-iters", "2", "--save", save))
-    model, config = load_model_from_checkpoint(save, tp=1, cp=1)
+    model, config = load_model(save, tp=1, cp=1)
     assert config.hidden_size == 64 and config.num_query_groups == 2
     batch = pack_documents([list(range(3, 60)), list(range(100, 180))], 256, "anchor",
                            anchor_token_id=257)
     with torch.no_grad():
         logits, _ = forward_packed(model, batch)
     # Same weights as a second load of the same files (and not the random init).
-    again, _ = load_model_from_checkpoint(os.path.join(save, "iter_0000002"), tp=1, cp=1)
+    again, _ = load_model(os.path.join(save, "iter_0000002"), tp=1, cp=1)
     with torch.no_grad():
         torch.testing.assert_close(forward_packed(again, batch)[0], logits, rtol=0, atol=0)
-    with pytest.raises(ValueError, match="different layout"):
-        load_model_from_checkpoint(save, tp=2, cp=1)
-    with pytest.raises(FileNotFoundError):
-        load_model_from_checkpoint(str(tmp_path / "nothing"))
-    with pytest.raises(ConfigError, match="--seq-length"):
+    with pytest.raises(ParallelLayoutError, match="already exist with TP=1"):
+        load_model(save, tp=2, cp=1)
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        load_model(str(tmp_path / "nothing"))
+    with pytest.raises(CheckpointError, match="cannot override num_layers"):
+        load_model(save, num_layers=3)
+    with pytest.raises(LayoutError, match="--seq-length"):
         run(tiny_argv(byte_corpus, "--context-parallel-size", "2", "--seq-length", "250"))
 
 

@@ -1,0 +1,1 @@
+"""Command-line tools: argparse, printing, plots and exit codes over typed library calls."""

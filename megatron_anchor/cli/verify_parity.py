@@ -1,0 +1,203 @@
+"""`megatron-anchor-verify-parity`: the same logits, loss and gradients in every TP×CP layout.
+
+    torchrun --nproc-per-node 4 tools/verify_parity.py --cpu \\
+        --layouts tp1cp1,tp2cp1,tp1cp2,tp2cp2 --variants anchor,full --dtypes fp32,bf16
+
+The library is `megatron_anchor.parallel.verify_parity`; this module is flags, the table,
+the JSON file and the exit status (0 parity holds, 1 a difference exceeds its tolerance,
+2 bad arguments).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import List, Optional
+
+from megatron_anchor.backends import BACKEND_NAMES
+from megatron_anchor.cli.common import run_tool
+from megatron_anchor.parallel.te_cp import CP_COMM_TYPES
+
+PROG = "megatron-anchor-verify-parity"
+VARIANT_NAMES = "full, intra-doc, intra-doc-reset, anchor"
+
+# Architecture flags for a seeded model: (flag, type, default, help). With --load the
+# architecture is the checkpoint's; a flag that contradicts it is an error.
+MODEL_FLAGS = (
+    ("--num-layers", int, 2, "transformer layers"),
+    ("--hidden-size", int, 256, "model width"),
+    ("--num-attention-heads", int, 8, "query heads"),
+    ("--num-query-groups", int, 4, "key/value heads (GQA); must divide by every TP size"),
+    ("--ffn-hidden-size", int, None, "SwiGLU width (None: 8/3·hidden rounded up to 64)"),
+    ("--vocab-size", int, 1024, "real vocabulary (synthetic tokens are drawn below it)"),
+    ("--make-vocab-size-divisible-by", int, 128,
+     "vocabulary padding; must stay the same for every TP size"),
+    ("--rotary-base", float, 10000.0, "RoPE base"),
+)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter,
+                     argparse.RawDescriptionHelpFormatter):
+    """Defaults in the option help, and the reading guide kept as written."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from megatron_anchor.parallel.verify_parity import READING_GUIDE
+
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Compare logits, loss and gradients of one model and one packed window "
+                    "across tensor/context-parallel layouts. Launch with torchrun and as many "
+                    "processes as the largest TP×CP (other layouts use the extra ranks as "
+                    "idle data-parallel replicas). Exit status 1 when a difference exceeds "
+                    "its tolerance, 2 for bad arguments.",
+        epilog=READING_GUIDE, formatter_class=_HelpFormatter)
+    run = parser.add_argument_group("what to compare")
+    run.add_argument("--layouts", default="tp1cp1,tp2cp1,tp1cp2,tp2cp2",
+                     help="comma-separated tp<N>cp<M> layouts; the first is the reference")
+    run.add_argument("--variants", default="anchor,full",
+                     help=f"comma-separated attention variants out of {VARIANT_NAMES}")
+    run.add_argument("--dtypes", default="fp32,bf16",
+                     help="comma-separated parameter/activation dtypes: fp32, bf16")
+    run.add_argument("--fp32-rtol", type=float, default=1e-5,
+                     help="fp32 tolerance on max|Δlogit|/max|logit|, |Δloss|/loss, Δ‖g‖/‖g‖ "
+                          "(and Δg with --compare-grads): reduction-order rounding")
+    run.add_argument("--bf16-tol", type=float, default=2.5e-2,
+                     help="the same tolerance for bf16 runs (Transformer Engine's own bf16 "
+                          "test tolerance)")
+    run.add_argument("--compare-grads", action="store_true",
+                     help="also gather every full gradient on rank 0 and report max|Δg|/max|g| "
+                          "(memory: a full FP32 copy of the model's gradients per layout)")
+    run.add_argument("--json", metavar="FILE", help="also write the table and settings as JSON")
+    run.add_argument("--debug-wrong-cp-chunks", action="store_true", help=argparse.SUPPRESS)
+
+    system = parser.add_argument_group("where it runs")
+    system.add_argument("--cpu", action="store_true",
+                        help="run on CPU over gloo (automatic when no GPU is visible)")
+    system.add_argument("--attention-backend", choices=BACKEND_NAMES, default="local",
+                        help="core attention: pure-PyTorch local, or Transformer Engine (GPU)")
+    system.add_argument("--cp-comm-type", choices=CP_COMM_TYPES, default="p2p",
+                        help="Transformer Engine's CP communication (te backend); the local "
+                             "backend always all-gathers K/V")
+    system.add_argument("--sequence-parallel", action="store_true",
+                        help="Megatron sequence parallelism in TP layouts (te backend only)")
+
+    model = parser.add_argument_group(
+        "model (with --load the architecture is the checkpoint's; these flags may be left out)")
+    model.add_argument("--load", metavar="DIR",
+                       help="checkpoint to take the weights from (a --save directory or one "
+                            "iteration directory, at any TP/CP); without it the weights are "
+                            "initialised from --seed")
+    for flag, kind, default, text in MODEL_FLAGS:
+        model.add_argument(flag, type=kind, default=None, help=f"{text} (default: {default})")
+    model.add_argument("--seed", type=int, default=1234,
+                       help="seed of the initial weights and of the synthetic documents")
+
+    data = parser.add_argument_group("batch")
+    data.add_argument("--seq-length", type=int, default=4096,
+                      help="window slots; a multiple of 2·CP for every CP in --layouts")
+    data.add_argument("--data-path", nargs="+", default=None,
+                      help="Megatron-style dataset prefix(es) (with weights); one window is "
+                           "taken from it")
+    data.add_argument("--window-index", type=int, default=0,
+                      help="which window of --data-path to check")
+    data.add_argument("--doc-length-dist", default="lognormal:600,1.0",
+                      help="synthetic document lengths: lognormal:MEAN,SIGMA (MEAN in tokens) | "
+                           "uniform:A,B | fixed:N | list:N1,N2,... (used in order, cycled)")
+    data.add_argument("--anchor-token-id", type=int, default=None,
+                      help="the shared anchor token (default: the checkpoint tokenizer's BOS, "
+                           "else its EOS; 1 without one)")
+    data.add_argument("--pad-token-id", type=int, default=0, help="the padding token")
+    return parser
+
+
+def _names(text: str) -> List[str]:
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
+def _model_config(args):
+    """The architecture: the checkpoint's with --load (flags must agree), else the flags."""
+    from megatron_anchor import checkpoint
+    from megatron_anchor.model import ModelConfig
+
+    given = {flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_"))
+             for flag, _, _, _ in MODEL_FLAGS}
+    if args.load:
+        saved = checkpoint.read_model_config(args.load)
+        checkpoint.check_flags_match(saved, given, args.load)
+        return saved
+    defaults = {flag[2:].replace("-", "_"): default for flag, _, default, _ in MODEL_FLAGS}
+    return ModelConfig(**{k: v if v is not None else defaults[k] for k, v in given.items()})
+
+
+def _anchor_token_id(args) -> int:
+    if args.anchor_token_id is not None:
+        return args.anchor_token_id
+    from megatron_anchor import checkpoint
+
+    folder = checkpoint.tokenizer_dir(args.load) if args.load else None
+    if folder and os.path.isfile(os.path.join(folder, "tokenizer.json")):
+        from megatron_anchor.data.tokenizer import HuggingFaceTokenizer
+
+        tok = HuggingFaceTokenizer(folder)
+        return int(tok.bos if tok.bos is not None else tok.eod)
+    return 1
+
+
+def config_from_args(args: argparse.Namespace, argv: Optional[List[str]] = None):
+    from megatron_anchor.parallel.layouts import parse_layouts
+    from megatron_anchor.parallel.verify_parity import ParityConfig, ParityError, validate
+
+    try:
+        layouts = parse_layouts(args.layouts)
+    except ValueError as err:
+        raise ParityError(str(err)) from None
+    config = ParityConfig(
+        layouts=layouts, model=_model_config(args), variants=_names(args.variants),
+        dtypes=_names(args.dtypes), fp32_rtol=args.fp32_rtol, bf16_tol=args.bf16_tol,
+        compare_grads=args.compare_grads, cpu=True if args.cpu else None,
+        attention_backend=args.attention_backend, cp_comm_type=args.cp_comm_type,
+        sequence_parallel=args.sequence_parallel, load=args.load, seed=args.seed,
+        seq_length=args.seq_length, data_path=args.data_path, window_index=args.window_index,
+        doc_length_dist=args.doc_length_dist, anchor_token_id=_anchor_token_id(args),
+        pad_token_id=args.pad_token_id, debug_wrong_cp_chunks=args.debug_wrong_cp_chunks,
+        argv=list(argv or []))
+    return validate(config)
+
+
+def config_from_argv(argv: Optional[List[str]] = None):
+    return config_from_args(build_parser().parse_args(argv), argv)
+
+
+def _write_json(path: str, report: dict) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=2)
+    os.replace(tmp, path)
+
+
+def _main(argv: Optional[List[str]]) -> int:
+    import sys
+
+    args = build_parser().parse_args(argv)
+    config = config_from_args(args, argv if argv is not None else sys.argv[1:])
+    from megatron_anchor import runtime
+    from megatron_anchor.parallel.verify_parity import format_table, run
+
+    try:
+        report = run(config)
+        rank0 = runtime.is_rank0()
+    finally:
+        runtime.destroy()
+    if rank0:
+        print(format_table(report["rows"]))
+        print(f"parity {'PASSED' if report['passed'] else 'FAILED'} "
+              f"(reference {report['reference_layout']}, world size {report['world_size']})")
+        if args.json:
+            _write_json(args.json, report)
+    return 0 if report["passed"] else 1
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    return run_tool(PROG, _main, argv)

@@ -1,0 +1,1 @@
+"""Long-context evaluation on Megatron checkpoints: RULER-style tasks, exact scoring, averaging."""
