@@ -3,9 +3,10 @@
 A full Megatron-Core training step (forward, backward over DDP buffers, AdamW, LR schedule)
 on windows packed from long-tailed document lengths (log-normal, median ~600 tokens, like
 web/code corpora), with a small model so attention is a large share of the work. Reports,
-per sequence length, the step time and tokens/s of each variant, the measured step-time
-saving against `full`, and the ideal saving from a FLOP count (matmul FLOPs of the layers
-plus causal attention FLOPs: S^2/2 for full, sum L_i^2/2 over segments otherwise).
+per sequence length, the step time, tokens/s and model TFLOP/s (MFU with --peak-tflops) of
+each variant, the measured step-time saving against `full`, and the ideal saving from the
+model FLOP count of `megatron_anchor.training.flops` (matmul FLOPs of the layers plus causal
+attention FLOPs: S^2/2 for full, sum L_i^2/2 over THD segments otherwise).
 
     python benchmarks/train_step.py --seq-lengths 4096 8192 16384 --json
 """
@@ -33,22 +34,11 @@ def documents(seq_length: int, seed: int, vocab: int):
     return docs
 
 
-def flops(batch, cfg, variant) -> float:
-    """Forward+backward FLOPs (3x forward) of matmuls and causal attention."""
-    h, f, layers = cfg.hidden_size, cfg.ffn_size, cfg.num_layers
-    kv = (cfg.num_query_groups or cfg.num_attention_heads) / cfg.num_attention_heads
-    tokens = int(batch.tokens.numel())
-    per_token = layers * (2 * h * h * (2 + 2 * kv) + 2 * 3 * h * f) + 2 * h * cfg.padded_vocab_size
-    lengths = batch.segment_lengths.double()
-    pairs = float((lengths * (lengths + 1) / 2).sum())  # causal (query, key) pairs
-    attention = layers * 2 * 2 * h * pairs                # QK^T and PV
-    return 3 * (tokens * per_token + attention)
-
-
 def bench(seq_length: int, args) -> dict:
     from megatron_anchor.layout import pack_documents
     from megatron_anchor.model import ModelConfig
     from megatron_anchor.training.config import TrainConfig
+    from megatron_anchor.training.flops import FlopsShape, batch_training_flops, throughput
     from megatron_anchor.training.model_setup import build_training_components
     from megatron_anchor.training.train import train_step
 
@@ -76,9 +66,11 @@ def bench(seq_length: int, args) -> dict:
         if device == "cuda":
             torch.cuda.synchronize()
         seconds = (time.perf_counter() - started) / args.steps
+        step_flops = batch_training_flops(FlopsShape.from_model_config(model_cfg), batch)
+        rate = throughput(step_flops, seconds, 1, args.peak_tflops)
         row[variant] = {"step_s": seconds, "tokens_per_s": seq_length / seconds,
-                        "flops": flops(batch, model_cfg, variant),
-                        "segments": batch.num_segments}
+                        "flops": step_flops, "tflops_per_rank": rate["tflops_per_rank"],
+                        "mfu": rate["mfu"], "segments": batch.num_segments}
     for variant in VARIANTS[1:]:
         row[variant]["saving_vs_full"] = 1 - row[variant]["step_s"] / row["full"]["step_s"]
         row[variant]["ideal_saving"] = 1 - row[variant]["flops"] / row["full"]["flops"]
@@ -95,6 +87,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="dense peak TFLOP/s of the device, for MFU (e.g. 989: H100 BF16)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
 
@@ -112,12 +106,12 @@ def main(argv=None):
         print(json.dumps({"device": "cuda" if torch.cuda.is_available() else "cpu",
                           "threads": torch.get_num_threads(), "rows": rows}, indent=2))
         return rows
-    print(f"{'S':>6} | " + " | ".join(f"{v:>22}" for v in VARIANTS) + " | saving anchor (ideal)")
+    print(f"{'S':>6} | " + " | ".join(f"{v:>34}" for v in VARIANTS) + " | saving anchor (ideal)")
     for row in rows:
-        cells = [f"{row[v]['step_s'] * 1000:8.0f} ms {row[v]['tokens_per_s']:7.0f} t/s"
-                 for v in VARIANTS]
+        cells = [f"{row[v]['step_s'] * 1000:8.0f} ms {row[v]['tokens_per_s']:7.0f} t/s "
+                 f"{row[v]['tflops_per_rank']:6.3g} TF/s" for v in VARIANTS]
         a = row["anchor"]
-        print(f"{row['seq_length']:>6} | " + " | ".join(f"{c:>22}" for c in cells)
+        print(f"{row['seq_length']:>6} | " + " | ".join(f"{c:>34}" for c in cells)
               + f" | {a['saving_vs_full']:6.1%} ({a['ideal_saving']:.1%})")
     return rows
 

@@ -3,8 +3,10 @@
 # pretrain_<model>_<context>.sh: AdamW (weight decay 0.1, betas 0.9/0.95), LR 2e-5 with cosine
 # decay, 2000 steps of 8 windows, AnchorAttention over packed documents, Transformer Engine,
 # BF16, sequence parallelism. A launch script sets MODEL_ARGS, PARALLEL_ARGS, TOKENIZER_ARGS,
-# SEQ_LENGTH, NNODES, DATA_PATH and SAVE, then sources this file, which launches one node's
-# 8 ranks. Extra flags given to the launch script come last and win.
+# SEQ_LENGTH, NNODES, DATA_PATH and SAVE (and optionally MEMORY_ARGS: activation recomputation,
+# distributed optimizer), then sources this file, which launches one node's 8 ranks. Extra
+# flags given to the launch script come last and win. Throughput is logged as model TFLOP/s
+# per GPU and MFU against --peak-tflops (default: looked up from the GPU name, H100 989).
 #
 # Environment: PRETRAINED (a Megatron dist checkpoint of the base model, weights only: convert
 # the Hugging Face checkpoint with Megatron-Bridge or Megatron-LM's converter), NODE_RANK,
@@ -38,4 +40,4 @@ torchrun --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node 8 \
   --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" \
   -m megatron_anchor.training.pretrain \
   "${MODEL_ARGS[@]}" "${PARALLEL_ARGS[@]}" "${TOKENIZER_ARGS[@]}" "${DATA_ARGS[@]}" \
-  "${TRAIN_ARGS[@]}" "${OUTPUT_ARGS[@]}" "$@"
+  "${TRAIN_ARGS[@]}" ${MEMORY_ARGS[@]+"${MEMORY_ARGS[@]}"} "${OUTPUT_ARGS[@]}" "$@"

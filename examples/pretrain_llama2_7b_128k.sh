@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# AnchorAttention continued pretraining of Llama-2-7B at 128K tokens on 2 x 8 H100 80GB.
+# AnchorAttention continued pretraining of Llama-2-7B at 128K tokens on one node of 8 x 80 GB GPUs.
 # RoPE base 10000000; the rest of the recipe: examples/anchor_recipe.sh.
 #   8 windows x 131072 tokens = 1,048,576 tokens per step.
-# Layout: two nodes, TP=8 x CP=2: each CP rank holds 64K tokens, the same per-GPU activations as 64K.
+# Layout: one node, TP=4 x CP=2 (64K tokens per rank), full activation recomputation of
+# every layer and the distributed optimizer sharded over the 2 CP ranks (memory estimate
+# per rank: examples/README.md).
 # Tokenizer: SentencePieceTokenizer; BOS <s> is the anchor.
 #
 # Inside an NGC PyTorch container (Transformer Engine, apex) with this repository
@@ -12,7 +14,7 @@ set -euo pipefail
 
 DATA_PATH=${DATA_PATH:-/data/slimpajama_128k_text_document}
 SAVE=${SAVE:-checkpoints/llama2_7b_128k_anchor}
-NNODES=${NNODES:-2}
+NNODES=${NNODES:-1}
 SEQ_LENGTH=131072
 
 MODEL_ARGS=(
@@ -21,8 +23,12 @@ MODEL_ARGS=(
   --vocab-size 32000 --norm-epsilon 1e-5 --rotary-base 10000000
 )
 PARALLEL_ARGS=(
-  --tensor-model-parallel-size 8 --context-parallel-size 2 --sequence-parallel
+  --tensor-model-parallel-size 4 --context-parallel-size 2 --sequence-parallel
   --cp-comm-type p2p --attention-backend te --bf16
+)
+MEMORY_ARGS=(
+  --recompute-granularity full --recompute-method uniform --recompute-num-layers 1
+  --use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather
 )
 TOKENIZER_ARGS=(
   --tokenizer-type SentencePieceTokenizer --tokenizer-model "${TOKENIZER_MODEL:-/models/Llama-2-7b-hf/tokenizer.model}"

@@ -8,12 +8,12 @@
 #
 #   bash examples/run_default.sh [WORKDIR] [extra pretrain flags...]
 #
-# Environment: TRAIN_ITERS (default 300), SEQ_LENGTH (1024), NPROC (1).
+# Environment: TRAIN_ITERS (default 600), SEQ_LENGTH (1024), NPROC (1).
 set -euo pipefail
 
 WORKDIR=${1:-runs/default}
 shift || true
-TRAIN_ITERS=${TRAIN_ITERS:-300}
+TRAIN_ITERS=${TRAIN_ITERS:-600}
 SEQ_LENGTH=${SEQ_LENGTH:-1024}
 NPROC=${NPROC:-1}
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -40,7 +40,11 @@ if [ ! -f "$WORKDIR/corpus_text_document.idx" ]; then
 fi
 
 # A 4-layer, d=256 Llama-style model (RMSNorm, SwiGLU, GQA 4/2 heads, RoPE at window
-# positions), 2 windows (2 micro-batches of 1: gradient accumulation) of $SEQ_LENGTH tokens per step, AnchorAttention over packed documents.
+# positions), 2 windows (2 micro-batches of 1: gradient accumulation) of $SEQ_LENGTH tokens per
+# step, AnchorAttention over packed documents, windows served in Megatron's shuffled sample
+# order. Chosen by measurement (benchmarks/RESULTS.md): at the same ~1.2M training tokens,
+# 600 steps of 2 windows end lower than 300 steps of 4; validation on 16 windows, whose
+# unigram cross-entropy the summary prints next to the validation loss.
 exec torchrun --standalone --nproc-per-node "$NPROC" -m megatron_anchor.training.pretrain \
   --cpu \
   --data-path "$WORKDIR/corpus_text_document" --split 95,5,0 \
@@ -52,6 +56,6 @@ exec torchrun --standalone --nproc-per-node "$NPROC" -m megatron_anchor.training
   --lr 2e-3 --min-lr 2e-4 --lr-decay-style cosine --lr-warmup-iters 30 \
   --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0 \
   --train-iters "$TRAIN_ITERS" --log-interval 20 \
-  --eval-interval 100 --eval-iters 4 \
+  --eval-interval 100 --eval-iters 8 \
   --save "$WORKDIR/checkpoints" --data-cache-path "$WORKDIR/cache" \
   "$@"

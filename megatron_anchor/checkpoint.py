@@ -306,6 +306,11 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
+# Megatron-LM's default layout of --use-distributed-optimizer state (reshardable over DP;
+# ignored by the plain optimizer). megatron-core 0.16's own default needs flattened_range.
+OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
 def save_training(root: str, iteration: int, components, train_config, train_state: dict,
                   tokenizer: Optional[str] = None) -> str:
     """Model, optimizer, scheduler, RNG and train state; returns the iteration directory."""
@@ -318,7 +323,7 @@ def save_training(root: str, iteration: int, components, train_config, train_sta
     model_sd = components.module.sharded_state_dict()
     state = {
         "model": model_sd,
-        "optimizer": components.optimizer.sharded_state_dict(model_sd),
+        "optimizer": components.optimizer.sharded_state_dict(model_sd, metadata=OPTIM_METADATA),
         "scheduler": components.scheduler.state_dict(),
         "iteration": iteration,
     }
@@ -350,7 +355,8 @@ def load_training(path: str, components) -> Tuple[int, dict]:
     model_sd = components.module.sharded_state_dict()
     template = {
         "model": model_sd,
-        "optimizer": components.optimizer.sharded_state_dict(model_sd, is_loading=True),
+        "optimizer": components.optimizer.sharded_state_dict(model_sd, is_loading=True,
+                                                             metadata=OPTIM_METADATA),
     }
     loaded = dist_checkpointing.load(template, resolved)
     components.module.load_state_dict(loaded["model"])

@@ -198,6 +198,54 @@ def _patch_distributed_optimizer_for_cpu() -> None:
     # as on the CPU; Megatron's other loaders already run under no_grad.
     cls.load_parameter_state_from_dp_reshardable = torch.no_grad()(
         cls.load_parameter_state_from_dp_reshardable)
+    # Without TE or apex, Megatron's DistributedOptimizer wraps torch's AdamW, whose state
+    # (with a per-parameter "step") is created lazily; two of its paths assume otherwise:
+    # `state_dict()` asserts one step value among the states (so a fresh optimizer cannot
+    # build the template to load a checkpoint into), and loading copies the template's
+    # "step" over the step just restored from the param groups (one tensor object shared by
+    # all parameters). Prime the state at
+    # construction with what torch's first step would create (step 0, zero moments: the
+    # maths is unchanged), and keep the restored step when loading.
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def init_and_prime(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        _prime_torch_adam_state(self.optimizer)
+
+    cls.__init__ = init_and_prime
+    set_states = cls._set_main_param_and_optimizer_states
+
+    @functools.wraps(set_states)
+    def set_states_keeping_step(self, model_param, tensors):
+        if "step" in tensors and isinstance(self.optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+            group_index, group_order = self.model_param_group_index_map[model_param]
+            main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+            state = self.optimizer.state[main_param]
+            if "step" in state:
+                # load_state_dict hands every parameter the same step tensor object, which
+                # torch's AdamW would then increment once per parameter: give each its own.
+                state["step"] = state["step"].clone()
+                tensors = dict(tensors, step=state["step"])
+        return set_states(self, model_param, tensors)
+
+    cls._set_main_param_and_optimizer_states = set_states_keeping_step
+
+
+def _prime_torch_adam_state(optimizer) -> None:
+    """The state torch.optim.Adam(W)'s first step would create, for parameters without one."""
+    if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        return
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state = optimizer.state[param]
+            if len(state) == 0:
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                if group.get("amsgrad"):
+                    state["max_exp_avg_sq"] = torch.zeros_like(param,
+                                                               memory_format=torch.preserve_format)
 
 
 def cpu_mode_enabled() -> bool:

@@ -54,6 +54,12 @@ def spec_from_megatron_lm_args() -> ModuleSpec:
             "run pretrain_gpt.py with --position-embedding-type none (and keep --rotary-base)"
         )
     backend = backends.from_megatron_transformer_impl(getattr(args, "transformer_impl", "local"))
+    # Megatron-LM's --use-rope-scaling is Llama-3.1's rule with Megatron-Core's fixed bands.
+    scaling = {"rope_type": "llama3", "factor": getattr(args, "rope_scaling_factor", 8.0),
+               "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192} \
+        if getattr(args, "use_rope_scaling", False) else None
     return get_anchor_layer_spec(backend.name, rotary_base=getattr(args, "rotary_base", 10000),
                                  rope_fp32=not getattr(args, "anchor_rope_bf16", False),
-                                 qk_layernorm=getattr(args, "qk_layernorm", False))
+                                 qk_layernorm=getattr(args, "qk_layernorm", False),
+                                 rope_scaling=scaling)

@@ -62,3 +62,26 @@ def run_on_ranks(fn, world_size: int, *args, timeout: float = 300.0) -> list:
     if errors:
         raise RuntimeError("distributed test failed\n" + "\n".join(errors))
     return [results[r] for r in range(world_size)]
+
+
+def run_command(command, timeout: float, cwd=None, env=None):
+    """Run a command line as a user would; on timeout kill its whole process group
+    (torchrun's workers too) and raise TimeoutError with what it printed.
+
+    Returns (returncode, stdout, stderr).
+    """
+    import os
+    import signal
+    import subprocess
+
+    process = subprocess.Popen([str(c) for c in command], cwd=cwd, env=env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        raise TimeoutError(f"{command} timed out after {timeout:.0f}s\n{stdout}\n"
+                           f"{stderr[-3000:]}") from None
+    return process.returncode, stdout, stderr

@@ -9,11 +9,11 @@ the architecture again: it comes from the checkpoint.
 
 import json
 import os
-import signal
-import subprocess
 import sys
 
 import pytest
+
+from megatron_anchor.testing import run_command
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -29,16 +29,8 @@ def _console_script(name: str, module: str) -> list:
 
 def _run(command, timeout=420):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    process = subprocess.Popen([str(c) for c in command], cwd=ROOT, env=env, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               start_new_session=True)
-    try:
-        stdout, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-        pytest.fail(f"timed out: {command}\n{stdout}\n{stderr[-3000:]}")
-    assert process.returncode == 0, f"{command}\n{stdout[-3000:]}\n{stderr[-5000:]}"
+    returncode, stdout, stderr = run_command(command, timeout, cwd=ROOT, env=env)
+    assert returncode == 0, f"{command}\n{stdout[-3000:]}\n{stderr[-5000:]}"
     return stdout, stderr
 
 

@@ -24,7 +24,7 @@ def user_errors() -> tuple:
     from megatron_anchor.layout import LayoutError
     from megatron_anchor.model import ModelLayoutError
     from megatron_anchor.parallel.te_cp import TEVersionError
-    from megatron_anchor.parallel.verify_parity import ParityError
+    from megatron_anchor.parallel.parity_batch import ParityError
     from megatron_anchor.runtime import ParallelLayoutError
     from megatron_anchor.training.config import ConfigError
 

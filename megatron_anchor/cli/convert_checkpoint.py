@@ -86,7 +86,7 @@ def build_parser() -> ToolParser:
                           "or its --pretrained-checkpoint")
     exp.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
                      help="dtype of the written tensors (default: the imported model's)")
-    exp.add_argument("--max-shard-size", type=size_bytes, default="2GB",
+    exp.add_argument("--max-shard-size", type=size_bytes, default="1GB",
                      help="largest safetensors shard")
     exp.add_argument("--json", action="store_true", help="print the summary as JSON")
     exp.add_argument("--no-progress-bar", action="store_true")

@@ -18,7 +18,7 @@ import sys
 from dataclasses import asdict
 from typing import List, Optional
 
-from megatron_anchor.cli.common import fail, run_tool
+from megatron_anchor.cli.parsing import HelpFormatter, ToolParser, UsageError, run
 
 PROG = "megatron-anchor-eval"
 ALL_TASKS = ("passkey", "niah_single_1", "niah_multikey_2", "niah_multikey_3", "vt", "cwe", "fwe")
@@ -39,19 +39,14 @@ megatron_anchor/evaluation/tasks.py); s/sample: forward time per sample on this 
 """
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter,
-                     argparse.RawDescriptionHelpFormatter):
-    """Defaults in the option help, and the reading guide kept as written."""
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ToolParser(
         prog=PROG,
         description="Evaluate long-context ability of a megatron-anchor checkpoint on "
                     "RULER-style synthetic tasks (generated offline, fixed seeds, prompts "
                     "fitted to each length with the model's tokenizer, the BOS/anchor at "
                     "position 0). Runs at any TP/CP under torchrun; one output from rank 0.",
-        epilog=READING_GUIDE, formatter_class=_HelpFormatter)
+        epilog=READING_GUIDE, formatter_class=HelpFormatter)
     load = parser.add_argument_group("checkpoint")
     load.add_argument("--load", required=True,
                       help="checkpoint root (with latest_checkpointed_iteration.txt) or one "
@@ -121,7 +116,7 @@ def _parse_lengths(text: str) -> tuple:
         try:
             out.append(int(float(part[:-1] if scale > 1 else part) * scale))
         except ValueError:
-            raise ValueError(f"--lengths: {part!r} is not a token count (e.g. 1024 or 4k)") from None
+            raise UsageError(f"--lengths: {part!r} is not a token count (e.g. 1024 or 4k)") from None
     return tuple(out)
 
 
@@ -135,7 +130,7 @@ def config_from_args(args, argv: List[str]):
     try:
         depths = tuple(float(d) for d in str(args.depths).split(",") if d.strip())
     except ValueError:
-        raise ValueError(f"--depths: {args.depths!r} is not a comma-separated list of numbers") from None
+        raise UsageError(f"--depths: {args.depths!r} is not a comma-separated list of numbers") from None
     return EvalConfig(
         tasks=tuple(t.strip() for t in str(args.tasks).split(",") if t.strip()),
         lengths=_parse_lengths(str(args.lengths)), samples=int(args.samples), depths=depths,
@@ -272,19 +267,8 @@ def write_plots(results, averaged, plot_dir: str) -> List[str]:
 
 
 def _main(argv: Optional[List[str]]) -> int:
-    from megatron_anchor.evaluation.tasks import EvaluationError
-
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    try:
-        return _run(args, argv)
-    except (EvaluationError, ValueError) as err:
-        from megatron_anchor.cli.common import user_errors
-
-        if not isinstance(err, (EvaluationError,) + user_errors()) and \
-                not str(err).startswith("--"):
-            raise
-        return fail(PROG, " ".join(str(err).split("\n")))
+    return _run(build_parser().parse_args(argv), argv)
 
 
 def _run(args, argv) -> int:
@@ -372,7 +356,9 @@ def _run(args, argv) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    return run_tool(PROG, _main, argv)
+    from megatron_anchor.evaluation.tasks import EvaluationError
+
+    return run(PROG, _main, argv, errors=(EvaluationError,))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ also knows `UsageError`) prints it as the one line ``prog: error: <what to chang
 from __future__ import annotations
 
 import argparse
+import textwrap
 from typing import Callable, List, Optional
 
 from megatron_anchor.cli.common import fail, run_tool
@@ -18,8 +19,21 @@ class UsageError(ValueError):
     """A flag that argparse cannot accept (unknown, missing, wrong type, out of choices)."""
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults in the option help; descriptions and epilogs kept as written."""
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults in the option help (where there is one to tell); descriptions and epilogs
+    wrapped line by line, so their own line breaks stay."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        # No "(default: None)" / "(default: False)", nor a second default where the help
+        # already names one.
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "\n".join(textwrap.fill(line, width, initial_indent=indent,
+                                        subsequent_indent=indent) if line.strip() else ""
+                         for line in text.splitlines())
 
 
 class ToolParser(argparse.ArgumentParser):

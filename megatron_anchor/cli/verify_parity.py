@@ -37,14 +37,26 @@ MODEL_FLAGS = (
 )
 
 
+READING_GUIDE = """\
+reading the table (each layout against the first, per variant and dtype):
+  max|Δlogit|, mean|Δlogit|  over every window slot and the real vocabulary
+  rel      max|Δlogit| / max|reference logit|, checked against the tolerance
+  top-1    share of slots whose arg-max token agrees
+  |Δloss|  masked mean loss of the window (checked relative to the loss)
+  Δ‖g‖     relative difference of the gradient norm after one backward (checked)
+  Δg       with --compare-grads: max|Δ gradient| / max|reference gradient| (checked)
+expected: 0 where the arithmetic is the same; ~1e-7 (fp32 rounding) where only the
+order of a reduction changes (TP all-reduce, CP gradient sums); a few bf16 ulps in
+bf16. A wrong CP layout or TP split shows up as rel >> 1e-3 and low top-1.
+"""
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter,
                      argparse.RawDescriptionHelpFormatter):
     """Defaults in the option help, and the reading guide kept as written."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from megatron_anchor.parallel.verify_parity import READING_GUIDE
-
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Compare logits, loss and gradients of one model and one packed window "
@@ -110,6 +122,27 @@ def build_parser() -> argparse.ArgumentParser:
                            "else its EOS; 1 without one)")
     data.add_argument("--pad-token-id", type=int, default=0, help="the padding token")
     return parser
+
+
+def format_table(rows: list[dict]) -> str:
+    header = (f"{'variant':<16}{'dtype':<6}{'layout':<8}{'max|Δlogit|':>12}"
+              f"{'mean|Δlogit|':>13}{'rel':>10}{'top-1':>8}{'|Δloss|':>10}{'Δ‖g‖':>10}"
+              f"{'Δg':>10}  result")
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        lead = f"{row['variant']:<16}{row['dtype']:<6}{row['layout']:<8}"
+        if row.get("reference"):
+            lines.append(f"{lead}reference: max|logit| {row['max_abs_logit']:.4g}, "
+                         f"loss {row['loss']:.6g}, ‖g‖ {row['grad_norm']:.6g}")
+            continue
+        grad = "-" if row["rel_grad_diff"] is None else f"{row['rel_grad_diff']:.2e}"
+        verdict = "ok" if row["passed"] else f"FAIL (tol {row['tolerance']:.1e})"
+        lines.append(
+            f"{lead}{row['max_abs_logit_diff']:>12.3e}{row['mean_abs_logit_diff']:>13.3e}"
+            f"{row['rel_logit_diff']:>10.2e}{row['top1_agreement']:>8.2%}"
+            f"{row['abs_loss_diff']:>10.2e}{row['rel_grad_norm_diff']:>10.2e}{grad:>10}"
+            f"  {verdict}")
+    return "\n".join(lines)
 
 
 def _names(text: str) -> List[str]:
@@ -183,7 +216,7 @@ def _main(argv: Optional[List[str]]) -> int:
     args = build_parser().parse_args(argv)
     config = config_from_args(args, argv if argv is not None else sys.argv[1:])
     from megatron_anchor import runtime
-    from megatron_anchor.parallel.verify_parity import format_table, run
+    from megatron_anchor.parallel.verify_parity import run
 
     try:
         report = run(config)

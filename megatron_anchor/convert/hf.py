@@ -1,9 +1,10 @@
 """Hugging Face checkpoints in and out: streaming safetensors <-> our Megatron checkpoints.
 
 Import: `config.json` -> `ModelConfig` (refusing what is not modelled), the GPTModel is built
-at TP=1 and every parameter is filled from the safetensors files one rule at a time (a rule
-reads one to three HF tensors), so peak memory is about one model copy plus the largest
-fused tensor. The result is written through `megatron_anchor.checkpoint.save_model`
+at TP=1 without random init and every parameter is filled from the safetensors files one
+rule at a time (a rule reads one to three HF tensors with plain file reads, no memory map),
+so peak memory is the model plus the tensors of one rule (1.13x the FP32 model for a 1.1B
+checkpoint; benchmarks/RESULTS.md, "HF conversion"). The result is written through `megatron_anchor.checkpoint.save_model`
 (dist_checkpointing, global tensors: it loads at any TP/CP) with the tokenizer files and the
 source `config.json` (kept as `hf_config.json` next to `model_config.json`).
 
@@ -35,7 +36,7 @@ SINGLE_FILE = "model.safetensors"
 HF_CONFIG_COPY = "hf_config.json"  # the imported config.json, kept with the checkpoint
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-DEFAULT_MAX_SHARD_BYTES = 2 * 1024 ** 3
+DEFAULT_MAX_SHARD_BYTES = 10 ** 9  # 1GB: a shard buffer stays below the load peak
 
 Progress = Optional[Callable[[int, int], None]]  # (done, total) after each tensor group
 
@@ -334,6 +335,11 @@ def export_checkpoint(load: str, output: str, *, hf_config_dir: Optional[str] = 
     start = time.time()
     if dtype is not None and dtype not in TORCH_DTYPES:
         raise ConversionError(f"--dtype {dtype!r}: choose {', '.join(TORCH_DTYPES)}")
+    stale = glob.glob(os.path.join(output, "*.safetensors")) + \
+        glob.glob(os.path.join(output, INDEX_FILE))
+    if stale:
+        raise ConversionError(f"{output} already holds {os.path.basename(stale[0])}: export into "
+                              "an empty (or new) directory")
     saved = checkpoint.read_model_config(load)
     base = base_hf_config(load, hf_config_dir)
     if dtype is None:  # the imported model's dtype, else the checkpoint's

@@ -2,7 +2,8 @@
 domain tags, the embedded sample corpus, tokenizer training and document-aware window packing.
 
 Submodules are imported lazily: importing Megatron-Core takes seconds, and `--help` of the
-command-line tools should not pay for it.
+command-line tools (`megatron_anchor.cli`: preprocess_data, merge_datasets,
+build_sample_corpus, train_tokenizer, dataset_stats) should not pay for it.
 """
 
 from megatron_anchor.data.indexed import DatasetError  # light: no Megatron import

@@ -9,8 +9,8 @@ re-implemented here: slot accounting comes from calling the packer itself).
 
 The plan is computed up front as numpy arrays (and cached on disk if asked):
 
-* the stream: entries ``(source, document, start, stop)`` in packing order (a document is one
-  entry; interleaved-chunk ablations make each chunk an entry);
+* the stream: entries ``(source, document, length)`` in packing order, one per document
+  (interleaved-chunk ablations permute positions inside a window, never the stream);
 * the sample index: for window w (in packing order), the stream position and token offset
   where it starts;
 * the shuffle index: sample i is window ``order[i]`` (``blocks[w]``: the epoch, or blend
@@ -43,16 +43,18 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from megatron_anchor.data.indexed import DatasetError, file_sha256, idx_path, open_dataset
+from megatron_anchor.data.indexed import (
+    DatasetError, file_sha256, idx_path, merge_domain_names, open_dataset,
+)
 
 SPLIT_NAMES = ("train", "valid", "test")
-INDEX_FORMAT_VERSION = 2  # 2: the shuffle index (window order) is part of the cache
+INDEX_FORMAT_VERSION = 3  # 2: the shuffle index is cached; 3: stream entries lost `start`
 
 
 # ----------------------------------------------------------------------------------------
@@ -86,8 +88,6 @@ class WindowConfig:
     interleave_chunks: Optional[int] = None
     drop_last: bool = False  # drop a final window that is not full
     index_cache_dir: Optional[str] = None
-    # Domain of documents in prefixes without a tag store (default: the prefix's file name).
-    default_domains: Dict[str, str] = field(default_factory=dict)
 
 
 def parse_data_path(data_path) -> Tuple[List[str], Optional[List[float]]]:
@@ -187,7 +187,7 @@ class _Stream:
 
     def __init__(self, dataset: "WindowDataset"):
         self.dataset = dataset
-        self.pieces: List[Tuple[int, int, int, int]] = []
+        self.pieces: List[Tuple[int, int, int]] = []  # (source, document, length)
         self.piece_epochs: List[int] = []  # pooled stream: the epoch each piece belongs to
         self.cumulative = [0]
         self.epoch = 0
@@ -204,7 +204,7 @@ class _Stream:
         for piece in pieces:
             self.pieces.append(piece)
             self.piece_epochs.append(self.epoch)
-            self.cumulative.append(self.cumulative[-1] + piece[3] - piece[2])
+            self.cumulative.append(self.cumulative[-1] + piece[2])
 
     def ensure_tokens_after(self, pos: int, offset: int, tokens: int) -> None:
         """Append epochs (or blended documents) until `tokens` lie beyond (pos, offset)."""
@@ -262,21 +262,10 @@ class WindowDataset(torch.utils.data.Dataset):
     # -- documents and domains ------------------------------------------------------------
 
     def _domain_tables(self):
-        """Global domain names (union over sources) and per-source document -> domain id."""
-        names: List[str] = []
-        per_source = []
-        for prefix, source in zip(self.prefixes, self.sources):
-            default = self.config.default_domains.get(prefix, os.path.basename(prefix))
-            local_names = source.domains.names if source.domains else [default]
-            local_ids = (source.domains.ids.astype(np.int64) if source.domains
-                         else np.zeros(source.num_documents, np.int64))
-            remap = []
-            for name in local_names:
-                if name not in names:
-                    names.append(name)
-                remap.append(names.index(name))
-            per_source.append(np.asarray(remap, dtype=np.int64)[local_ids])
-        return names, per_source
+        """Global domain names (union over sources) and per-source document -> domain id; a
+        source without a tag store is one domain named after its file."""
+        return merge_domain_names([source.domain_table(os.path.basename(prefix))
+                                   for prefix, source in zip(self.prefixes, self.sources)])
 
     def _tag_table(self) -> Optional[List[List[int]]]:
         tags = self.config.domain_tag_ids
@@ -322,12 +311,12 @@ class WindowDataset(torch.utils.data.Dataset):
             pairs = [pairs[i] for i in order]
         return pairs
 
-    def _pieces(self, pairs: List[Tuple[int, int]]) -> List[Tuple[int, int, int, int]]:
-        """(source, document, start, stop) entries; chunks when interleaving is on."""
+    def _pieces(self, pairs: List[Tuple[int, int]]) -> List[Tuple[int, int, int]]:
+        """(source, document, length) entries: whole documents."""
         # Interleaved chunks are laid out inside each window by pack_documents (which only
         # permutes position ids), so the stream always holds whole documents.
         lengths = self._lengths
-        return [(s, d, 0, int(lengths[s][d])) for s, d in pairs]
+        return [(s, d, int(lengths[s][d])) for s, d in pairs]
 
     # -- the sample index -------------------------------------------------------------------
 
@@ -398,8 +387,8 @@ class WindowDataset(torch.utils.data.Dataset):
                 break  # enough windows, and the last one's epoch (block) is complete
             blocks.append(block)
             window = stream.window_from(pos, offset, self.config.seq_length)
-            docs = [stream.zeros(stop - start - (offset if k == 0 else 0))
-                    for k, (_, _, start, stop) in enumerate(window)]
+            docs = [stream.zeros(length - (offset if k == 0 else 0))
+                    for k, (_, _, length) in enumerate(window)]
             batch = self._pack_pieces(window, docs)
             pos, offset = self._advance(stream.pieces, pos, offset, batch.consumed)
             starts.append((pos, offset))
@@ -407,7 +396,7 @@ class WindowDataset(torch.utils.data.Dataset):
         if self.config.drop_last and len(starts) > 1 and ran_dry:
             starts.pop()  # the final window was not full
             blocks.pop()
-        pieces = np.asarray(stream.pieces, dtype=np.int64).reshape(-1, 4)
+        pieces = np.asarray(stream.pieces, dtype=np.int64).reshape(-1, 3)
         served = len(blocks) if wanted is None else min(wanted, len(blocks))
         blocks = np.asarray(blocks, dtype=np.int64)
         order = (self._shuffle_index(blocks) if shuffle
@@ -430,7 +419,7 @@ class WindowDataset(torch.utils.data.Dataset):
             raise DatasetError("a window consumed no tokens: seq_length is too small for the "
                                "anchor and domain tags of one document")
         for _, n in consumed:
-            length = pieces[pos][3] - pieces[pos][2] - offset
+            length = pieces[pos][2] - offset
             if n < length:
                 return pos, offset + n
             pos, offset = pos + 1, 0
@@ -438,7 +427,7 @@ class WindowDataset(torch.utils.data.Dataset):
 
     def _pack_pieces(self, window, docs):
         cfg = self.config
-        domain_ids = [int(self._doc_domains[s][d]) for s, d, _, _ in window]
+        domain_ids = [int(self._doc_domains[s][d]) for s, d, *_ in window]
         tags = None if self._tag_ids is None else [self._tag_ids[i] for i in domain_ids]
         return self._pack(docs, cfg.seq_length, cfg.variant, anchor_token_id=cfg.anchor_token_id,
                           domain_tags=tags, cp_size=cfg.cp_size, pad_token_id=cfg.pad_token_id,
@@ -470,9 +459,9 @@ class WindowDataset(torch.utils.data.Dataset):
         (pos, offset), (end_pos, end_offset) = self.starts[window], self.starts[window + 1]
         last = end_pos + (1 if end_offset > 0 else 0)
         for k in range(int(pos), int(last)):
-            s, d, start, stop = (int(x) for x in self.stream[k])
-            first = start + (int(offset) if k == pos else 0)
-            placed_stop = start + int(end_offset) if (k == end_pos and end_offset > 0) else stop
+            s, d, stop = (int(x) for x in self.stream[k])
+            first = int(offset) if k == pos else 0
+            placed_stop = int(end_offset) if (k == end_pos and end_offset > 0) else stop
             yield s, d, first, placed_stop, stop
 
     def __getitem__(self, index: int):
@@ -482,7 +471,7 @@ class WindowDataset(torch.utils.data.Dataset):
         # slot is trained on the token that opens the next window.
         docs = [self.sources[s].document(d, offset=first, length=stop - first)
                 for s, d, first, _, stop in placed]
-        batch = self._pack_pieces([(s, d, 0, 0) for s, d, *_ in placed], docs)
+        batch = self._pack_pieces([(s, d) for s, d, *_ in placed], docs)
         got = [n for _, n in batch.consumed if n > 0]
         want = [placed_stop - first for _, _, first, placed_stop, _ in placed]
         if got != want:
@@ -565,13 +554,3 @@ def validation_unigram_cross_entropy(train: WindowDataset, valid: WindowDataset,
     return unigram_cross_entropy(target_counts(valid, vocab_size=vocab_size),
                                  target_counts(train, max_tokens=max_train_tokens,
                                                vocab_size=vocab_size), vocab_size)
-
-
-def domain_tag_ids_from_tokenizer(tokenizer_json: str, names: Sequence[str],
-                                  template: str = "{name}\n") -> Dict[str, List[int]]:
-    """Tag tokens per domain: the tokenized text of `template` with the domain name."""
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(tokenizer_json)
-    return {name: tok.encode(template.format(name=name), add_special_tokens=False).ids
-            for name in names}

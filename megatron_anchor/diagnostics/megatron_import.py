@@ -8,8 +8,8 @@ Megatron-Core's layout (TP=1), from `SelfAttention.get_query_key_value_tensors` 
 * Norms: `input_layernorm`, `pre_mlp_layernorm`, `decoder.final_layernorm` (local spec; a TE
   spec fuses them into `linear_qkv.layer_norm_weight` / `linear_fc1.layer_norm_weight`, which
   `_norm_key` handles).
-* Untied `embedding.word_embeddings.weight` and `output_layer.weight`, padded to
-  `ModelConfig.padded_vocab_size` rows.
+* `embedding.word_embeddings.weight` and (untied models only) `output_layer.weight`,
+  padded to `ModelConfig.padded_vocab_size` rows; tied models (SmolLM2) have no output layer.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ def model_config_for(cfg: LlamaConfig, rope_fp32: bool = True, bf16: bool = Fals
         ffn_hidden_size=cfg.ffn_hidden_size, vocab_size=cfg.vocab_size,
         rotary_base=cfg.rotary_base, norm_epsilon=cfg.norm_epsilon, rope_fp32=rope_fp32,
         bf16=bf16, attention_backend="local",
+        share_embeddings_and_output_weights=cfg.tied_embeddings,
     )
 
 
@@ -45,7 +46,8 @@ def llama_config_from_model_config(mcfg) -> LlamaConfig:
         ffn_hidden_size=mcfg.ffn_size, num_attention_heads=mcfg.num_attention_heads,
         num_query_groups=mcfg.num_query_groups or mcfg.num_attention_heads,
         vocab_size=mcfg.vocab_size, rotary_base=mcfg.rotary_base,
-        norm_epsilon=mcfg.norm_epsilon, tied_embeddings=False,
+        norm_epsilon=mcfg.norm_epsilon,
+        tied_embeddings=mcfg.share_embeddings_and_output_weights,
     )
 
 
@@ -84,6 +86,8 @@ def megatron_state_from_reference(weights: dict, cfg: LlamaConfig, state_keys,
         state[p + "self_attention.linear_proj.weight"] = w["wo"]
         state[p + "mlp.linear_fc1.weight"] = torch.cat([w["w_gate"], w["w_up"]])
         state[p + "mlp.linear_fc2.weight"] = w["w_down"]
+    if "output_layer.weight" not in state_keys:  # tied: the head reads the embedding
+        del state["output_layer.weight"]
     return state
 
 

@@ -90,13 +90,7 @@ def load_documents(config: "RopePrecisionConfig", source: ModelSource,
             raise DatasetError(f"--data-path: {err}") from None
         order = list(range(dataset.num_documents))
         random.Random(config.seed).shuffle(order)
-        docs, total = [], 0
-        for i in order:
-            doc = dataset.document(i)[:cap].tolist()
-            docs.append(doc)
-            total += len(doc)
-            if total >= tokens_needed:
-                break
+        docs = _take(tokens_needed, (dataset.document(i)[:cap].tolist() for i in order))
         return docs, f"indexed dataset {config.data_path}"
 
     from megatron_anchor.data.sample_corpus import SOURCES, SampleCorpusConfig, build_corpus
@@ -105,15 +99,21 @@ def load_documents(config: "RopePrecisionConfig", source: ModelSource,
     records = build_corpus(SampleCorpusConfig(seed=config.seed, max_documents=400,
                                               max_bytes=budget, max_document_bytes=cap * 16,
                                               domains=list(SOURCES)))
-    docs, total = [], 0
-    for record in records:
-        ids = source.tokenizer.encode(record["text"]).ids[:cap - 1] + [source.eod_token_id]
-        docs.append(ids)
-        total += len(ids)
-        if total >= tokens_needed:
-            break
+    docs = _take(tokens_needed, (source.tokenizer.encode(r["text"]).ids[:cap - 1]
+                                 + [source.eod_token_id] for r in records))
     return docs, "run-time corpus (megatron_anchor.data.sample_corpus: " + \
         ", ".join(sorted({r["meta"]["source"] for r in records})) + ")"
+
+
+def _take(tokens_needed: int, documents) -> list:
+    """Documents from the iterable until they hold `tokens_needed` tokens (or it ends)."""
+    docs, total = [], 0
+    for doc in documents:
+        docs.append(doc)
+        total += len(doc)
+        if total >= tokens_needed:
+            break
+    return docs
 
 
 def make_windows(documents: list, seq_length: int, num_windows: int, variant: str,

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from megatron_anchor.attention.reference import segment_causal_visibility
 from megatron_anchor.diagnostics.reference_llama import (
     LayerAttentionInputs, attention_scores, causal_block_mask, expand_kv_heads, weighted_values,
 )
@@ -67,11 +68,9 @@ def first_token_logit_difference(s1: torch.Tensor, s2: torch.Tensor,
 
 
 def segment_visibility(cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """[T, T] bool (query, key): same segment and key not after query."""
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)
-    seg = torch.repeat_interleave(torch.arange(lengths.numel()), lengths)
-    idx = torch.arange(seg.numel())
-    return (seg[:, None] == seg[None, :]) & (idx[None, :] <= idx[:, None])
+    """[T, T] bool (query, key): same segment and key not after query (the attention tests'
+    dense reference mask)."""
+    return segment_causal_visibility(cu_seqlens)
 
 
 def segment_key_weights(cu_seqlens: torch.Tensor) -> torch.Tensor:

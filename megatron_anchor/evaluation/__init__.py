@@ -1,1 +1,21 @@
-"""Long-context evaluation on Megatron checkpoints: RULER-style tasks, exact scoring, averaging."""
+"""Long-context evaluation on Megatron checkpoints: RULER-style tasks, exact scoring, averaging.
+
+* `tasks`: offline generators with fixed seeds, prompts token-exact for the model's tokenizer.
+* `scoring`: teacher-forced exact match (one forward) and greedy generation +
+  RULER's `string_match_all`, on THD batches of `anchor` windows, at any TP/CP.
+* `runner`: `evaluate(model, tokenizer, vocab_size, EvalConfig)` -> `EvalResult` with
+  controls and Wilson intervals; `average_checkpoints` for the last-K protocol.
+* `crosscheck`: the same prompts through `transformers` greedy generation.
+
+The command line is `megatron_anchor.cli.eval_long_context` (`megatron-anchor-eval`).
+"""
+
+from megatron_anchor.evaluation.runner import (
+    EvalConfig, EvalResult, average_checkpoints, evaluate, wilson_interval)
+from megatron_anchor.evaluation.tasks import (
+    TASKS, EvaluationError, Sample, generate_sample, generate_samples)
+from megatron_anchor.evaluation.tokenizer import EvalTokenizer
+
+__all__ = ["EvalConfig", "EvalResult", "average_checkpoints", "evaluate", "wilson_interval",
+           "TASKS", "EvaluationError", "Sample", "generate_sample", "generate_samples",
+           "EvalTokenizer"]

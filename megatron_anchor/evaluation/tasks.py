@@ -29,7 +29,7 @@ import math
 import random
 import string
 import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Protocol, Sequence, Tuple
 
 from megatron_anchor.evaluation import words as wordlists
@@ -514,12 +514,5 @@ def generate_samples(task: str, tokenizer: TextTokenizer, length: int, num_sampl
                             control=control) for i in range(num_samples)]
 
 
-def as_control(sample: Sample, tokenizer: TextTokenizer, *, seed: int = 42,
-               depths: Sequence[float] = DEFAULT_DEPTHS) -> Sample:
-    """The needle-removed twin of `sample`."""
-    return generate_sample(sample.task, tokenizer, sample.length, sample.index, seed=seed,
-                           depths=depths, control=True)
-
-
 __all__ = ["EvaluationError", "Sample", "TaskInfo", "TASKS", "DEFAULT_DEPTHS", "check_task",
-           "generate_sample", "generate_samples", "as_control", "replace"]
+           "generate_sample", "generate_samples"]

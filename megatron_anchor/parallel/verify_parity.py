@@ -34,17 +34,18 @@ Exit status: 0 when every figure is within tolerance (`--fp32-rtol` for fp32 run
 from __future__ import annotations
 
 import dataclasses
-import math
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional
+from typing import List, Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from megatron_anchor import runtime
+from megatron_anchor.parallel.parity_batch import (
+    ParityError, make_batch, parse_length_distribution,
+)
 from megatron_anchor.parallel.layouts import (
     Layout, check_world_size, common_cp_multiple, is_first_replica, use_layout, world_rank,
 )
@@ -54,22 +55,7 @@ from megatron_anchor.parallel.layouts import (
 
 DTYPES = ("fp32", "bf16")
 
-READING_GUIDE = """\
-reading the table (each layout against the first, per variant and dtype):
-  max|Δlogit|, mean|Δlogit|  over every window slot and the real vocabulary
-  rel      max|Δlogit| / max|reference logit|, checked against the tolerance
-  top-1    share of slots whose arg-max token agrees
-  |Δloss|  masked mean loss of the window (checked relative to the loss)
-  Δ‖g‖     relative difference of the gradient norm after one backward (checked)
-  Δg       with --compare-grads: max|Δ gradient| / max|reference gradient| (checked)
-expected: 0 where the arithmetic is the same; ~1e-7 (fp32 rounding) where only the
-order of a reduction changes (TP all-reduce, CP gradient sums); a few bf16 ulps in
-bf16. A wrong CP layout or TP split shows up as rel >> 1e-3 and low top-1.
-"""
 
-
-class ParityError(ValueError):
-    """A parity run that cannot be set up as asked (the message names the flag)."""
 
 
 @dataclass
@@ -127,79 +113,6 @@ def validate(config: ParityConfig) -> ParityConfig:
                           num_attention_heads=m.num_attention_heads,
                           num_query_groups=m.num_query_groups)
     return config
-
-
-# ----------------------------------------------------------------------------------------
-# The batch: one window, the same in every layout
-# ----------------------------------------------------------------------------------------
-
-def parse_length_distribution(text: str) -> Callable[[np.random.Generator, int], int]:
-    """`--doc-length-dist` -> a function (rng, i) -> the i-th document's length (>= 1)."""
-    kind, _, params = text.partition(":")
-    try:
-        values = [float(v) for v in params.split(",")] if params else []
-    except ValueError:
-        values = None
-    shapes = {"lognormal": 2, "uniform": 2, "fixed": 1}
-    if values is None or (kind in shapes and len(values) != shapes[kind]) or \
-            (kind == "list" and not values) or kind not in (*shapes, "list"):
-        raise ParityError(f"bad --doc-length-dist {text!r}: use lognormal:MEAN,SIGMA, "
-                         "uniform:A,B, fixed:N or list:N1,N2,...")
-    if any(v <= 0 for v in values[:1]) or (kind == "list" and min(values) < 1):
-        raise ParityError(f"bad --doc-length-dist {text!r}: lengths must be >= 1")
-    if kind == "lognormal":
-        mean, sigma = values
-        mu = math.log(mean) - sigma ** 2 / 2  # so that the mean length is `mean`
-        return lambda rng, i: max(1, int(round(rng.lognormal(mu, sigma))))
-    if kind == "uniform":
-        low, high = int(values[0]), int(values[1])
-        return lambda rng, i: int(rng.integers(low, high + 1))
-    if kind == "fixed":
-        return lambda rng, i: int(values[0])
-    lengths = [int(v) for v in values]
-    return lambda rng, i: lengths[i % len(lengths)]
-
-
-def synthetic_documents(length_dist: str, seq_length: int, vocab_size: int, seed: int,
-                        reserved: int = 2) -> list[list[int]]:
-    """Random-token documents, enough to fill a window; ids below `reserved` are kept for
-    padding and the anchor so they never appear inside a document."""
-    rng = np.random.default_rng(seed)
-    draw = parse_length_distribution(length_dist)
-    documents, total = [], 0
-    while total <= seq_length:
-        length = draw(rng, len(documents))
-        documents.append(rng.integers(reserved, vocab_size, size=length + 1).tolist()[:length])
-        total += length + 1
-    return documents
-
-
-def make_batch(args: ParityConfig, variant: str, cp_multiple: int):
-    """The window (a PackedBatch) for `variant`, padded for every layout's CP; identical on
-    every rank."""
-    from megatron_anchor.layout import pack_documents
-
-    if args.data_path:
-        return _window_from_dataset(args, variant, cp_multiple)
-    documents = synthetic_documents(args.doc_length_dist, args.seq_length,
-                                    args.model.vocab_size, args.seed)
-    return pack_documents(documents, args.seq_length, variant,
-                          anchor_token_id=args.anchor_token_id, cp_size=cp_multiple,
-                          pad_token_id=args.pad_token_id)
-
-
-def _window_from_dataset(args, variant: str, cp_multiple: int):
-    from megatron_anchor.data.windows import WindowConfig, WindowDataset
-
-    config = WindowConfig(seq_length=args.seq_length, variant=variant,
-                          anchor_token_id=args.anchor_token_id, pad_token_id=args.pad_token_id,
-                          cp_size=cp_multiple, seed=args.seed)
-    batch = WindowDataset(args.data_path, config)[args.window_index]
-    top = int(batch.tokens.max())
-    if top >= args.model.vocab_size:
-        raise ParityError(f"token id {top} in --data-path is outside the model's vocabulary "
-                          f"({args.model.vocab_size}): is it the checkpoint's data?")
-    return batch
 
 
 # ----------------------------------------------------------------------------------------
@@ -340,27 +253,6 @@ def _relative_grad_diff(reference: Optional[dict], other: Optional[dict]) -> Opt
 def reference_row(result: RunResult, vocab_size: int) -> dict:
     return {"max_abs_logit": float(result.logits[:, :vocab_size].float().abs().max()),
             "loss": result.loss, "grad_norm": result.grad_norm, "reference": True}
-
-
-def format_table(rows: list[dict]) -> str:
-    header = (f"{'variant':<16}{'dtype':<6}{'layout':<8}{'max|Δlogit|':>12}"
-              f"{'mean|Δlogit|':>13}{'rel':>10}{'top-1':>8}{'|Δloss|':>10}{'Δ‖g‖':>10}"
-              f"{'Δg':>10}  result")
-    lines = [header, "-" * len(header)]
-    for row in rows:
-        lead = f"{row['variant']:<16}{row['dtype']:<6}{row['layout']:<8}"
-        if row.get("reference"):
-            lines.append(f"{lead}reference: max|logit| {row['max_abs_logit']:.4g}, "
-                         f"loss {row['loss']:.6g}, ‖g‖ {row['grad_norm']:.6g}")
-            continue
-        grad = "-" if row["rel_grad_diff"] is None else f"{row['rel_grad_diff']:.2e}"
-        verdict = "ok" if row["passed"] else f"FAIL (tol {row['tolerance']:.1e})"
-        lines.append(
-            f"{lead}{row['max_abs_logit_diff']:>12.3e}{row['mean_abs_logit_diff']:>13.3e}"
-            f"{row['rel_logit_diff']:>10.2e}{row['top1_agreement']:>8.2%}"
-            f"{row['abs_loss_diff']:>10.2e}{row['rel_grad_norm_diff']:>10.2e}{grad:>10}"
-            f"  {verdict}")
-    return "\n".join(lines)
 
 
 def batch_summary(batch) -> dict:

@@ -13,7 +13,6 @@ from typing import List, Optional
 from megatron_anchor.training.config import (
     LR_DECAY_STYLES,
     CheckpointConfig,
-    ConfigError,
     DataConfig,
     LoggingConfig,
     OptimConfig,

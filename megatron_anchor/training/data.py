@@ -79,16 +79,12 @@ def resolve_tokens(cfg: TrainConfig, tokenizer) -> TrainConfig:
 
 def domain_names(cfg: TrainConfig) -> List[str]:
     """Domain names of the blend (tag store names, else the prefix's file name)."""
-    from megatron_anchor.data.indexed import open_dataset
+    from megatron_anchor.data.indexed import merge_domain_names, open_dataset
     from megatron_anchor.data.windows import parse_data_path
 
-    names: List[str] = []
     prefixes, _ = parse_data_path(cfg.data.data_path)
-    for prefix in prefixes:
-        source = open_dataset(prefix)
-        for name in (source.domains.names if source.domains else [os.path.basename(prefix)]):
-            if name not in names:
-                names.append(name)
+    names, _ = merge_domain_names([open_dataset(p).domain_table(os.path.basename(p))
+                                   for p in prefixes])
     return names
 
 
@@ -107,7 +103,7 @@ def build_dataset(cfg: TrainConfig, split_name: str, num_windows: int):
         pad_token_id=d.pad_token_id, cp_size=cfg.parallel.context_parallel_size,
         seed=cfg.seed, split=d.split, split_name=split_name, num_samples=num_windows,
         short_doc_keep_fraction=d.short_doc_keep_fraction,
-        interleave_chunks=d.interleave_chunks,
+        interleave_chunks=d.interleave_chunks, shuffle_samples=d.shuffle_samples,
         domain_tag_ids=cfg.domain_tag_ids if d.domain_tags else None,
         index_cache_dir=d.data_cache_path)
     try:

@@ -82,41 +82,7 @@ def build_optimizer(cfg: TrainConfig, model):
         params_dtype=torch.bfloat16 if cfg.model.bf16 else torch.float32,
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
         overlap_param_gather=cfg.parallel.overlap_param_gather)
-    optimizer = get_megatron_optimizer(config, [model])
-    prime_torch_adam_state(optimizer)
-    return optimizer
-
-
-def prime_torch_adam_state(optimizer) -> int:
-    """Give a `torch.optim.Adam(W)` inside Megatron's `DistributedOptimizer` the state its
-    first step would create (step 0, zero moments), so a checkpoint can be loaded into it.
-
-    Without Transformer Engine or apex (CPU, or a GPU without them), Megatron-Core falls back
-    to torch's AdamW, whose state is created lazily; `DistributedOptimizer.state_dict()` (called
-    by `sharded_state_dict(is_loading=True)` before loading) asserts exactly one step value
-    among the states, so loading into a fresh optimizer fails. The primed state is what
-    torch's first step would create, so the maths is unchanged. Returns the parameters primed.
-    """
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    primed = 0
-    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
-        torch_opt = getattr(inner, "optimizer", None)
-        if not isinstance(inner, DistributedOptimizer) or not isinstance(
-                torch_opt, (torch.optim.Adam, torch.optim.AdamW)):
-            continue
-        for group in torch_opt.param_groups:
-            for param in group["params"]:
-                state = torch_opt.state[param]
-                if len(state) == 0:
-                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(param,
-                                                           memory_format=torch.preserve_format)
-                    if group.get("amsgrad"):
-                        state["max_exp_avg_sq"] = torch.zeros_like(param)
-                    primed += 1
-    return primed
+    return get_megatron_optimizer(config, [model])
 
 
 def build_scheduler(cfg: TrainConfig, optimizer):

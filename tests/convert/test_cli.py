@@ -24,6 +24,8 @@ def test_import_export_cli_round_trip(tmp_path, capsys, megatron_cpu):
 
     assert main(["export", "--load", ckpt, "--output", out, "--max-shard-size", "40KB"]) == 0
     assert "export:" in capsys.readouterr().out
+    assert main(["export", "--load", ckpt, "--output", out]) == 2  # never over old shards
+    assert "already holds" in capsys.readouterr().err
     config = json.load(open(os.path.join(out, "config.json")))
     assert config["model_type"] == "qwen2" and config["tie_word_embeddings"]
     assert config["rope_theta"] == config["rope_parameters"]["rope_theta"] == 2e6

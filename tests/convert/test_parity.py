@@ -86,3 +86,22 @@ def test_import_maps_the_config(imported):
     keys = set(model.state_dict())
     assert "output_layer.weight" not in keys  # tied: the head reads the embedding
     assert "decoder.layers.0.self_attention.linear_qkv.bias" in keys
+
+
+def test_old_model_config_json_without_the_new_fields_loads():
+    import dataclasses
+    import json
+
+    from megatron_anchor.model import ModelConfig
+
+    old = json.loads(ModelConfig().to_json())
+    for name in ("add_qkv_bias", "share_embeddings_and_output_weights", "rope_scaling"):
+        old.pop(name)
+    cfg = ModelConfig.from_dict(old)
+    assert not cfg.add_qkv_bias and not cfg.share_embeddings_and_output_weights
+    assert cfg.rope_scaling is None
+    scaled = dataclasses.replace(cfg, rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                                                    "low_freq_factor": 1.0,
+                                                    "high_freq_factor": 4.0,
+                                                    "original_max_position_embeddings": 64})
+    assert ModelConfig.from_dict(json.loads(scaled.to_json())) == scaled

@@ -40,3 +40,33 @@ def test_bad_scaling_is_named(bad, words):
 def test_default_rope_type_means_no_scaling():
     assert check_rope_scaling({"rope_type": "default", "rope_theta": 1e4}) is None
     assert check_rope_scaling(None) is None
+
+
+def test_megatron_lm_use_rope_scaling_reaches_the_core_attention(monkeypatch):
+    """Megatron-LM's --use-rope-scaling becomes our llama3 scaling, equal to Megatron-Core's
+    own RotaryEmbedding tables."""
+    import sys
+    import types
+    from types import SimpleNamespace
+
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    from megatron_anchor.spec import spec_from_megatron_lm_args
+
+    args = SimpleNamespace(position_embedding_type="none", transformer_impl="local",
+                           rotary_base=500000, use_rope_scaling=True, rope_scaling_factor=8.0)
+    fake = types.ModuleType("megatron.training")
+    fake.get_args = lambda: args
+    monkeypatch.setitem(sys.modules, "megatron.training", fake)
+    params = spec_from_megatron_lm_args().submodules.self_attention.submodules \
+        .core_attention.params
+    scaling = params["rope_scaling"]
+    assert scaling == dict(LLAMA31, factor=8.0)
+    megatron = RotaryEmbedding(kv_channels=128, rotary_percent=1.0, rope_scaling=True,
+                               rope_scaling_factor=8.0, rotary_base=500000,
+                               use_cpu_initialization=True)
+    torch.testing.assert_close(rope_inv_freq(128, 500000, rope_scaling=scaling).float(),
+                               megatron.inv_freq.float(), rtol=1e-6, atol=0)
+    args.use_rope_scaling = False
+    assert "rope_scaling" not in spec_from_megatron_lm_args().submodules.self_attention \
+        .submodules.core_attention.params

@@ -23,12 +23,14 @@ def read_all(folder):
     return out
 
 
-@pytest.mark.parametrize("name,shard,dtype", [
-    ("llama31-rope-scaling", "40KB", torch.float32),   # sharded with an index
-    ("qwen2-bias-tied-gqa", None, torch.float32),      # single file, tied, QKV bias
-    ("mistral-mha", "60KB", torch.bfloat16),           # BF16 file: imported FP32, back BF16
+@pytest.mark.parametrize("name,shard,dtype,import_dtype", [
+    ("llama31-rope-scaling", "40KB", torch.float32, "fp32"),  # sharded with an index
+    ("qwen2-bias-tied-gqa", None, torch.float32, "fp32"),     # single file, tied, QKV bias
+    ("mistral-mha", "60KB", torch.bfloat16, "fp32"),          # BF16 file -> FP32 -> BF16
+    ("llama-gqa", None, torch.bfloat16, "bf16"),              # BF16 all the way
 ])
-def test_import_export_round_trip_is_bit_identical(name, shard, dtype, tmp_path, megatron_cpu):
+def test_import_export_round_trip_is_bit_identical(name, shard, dtype, import_dtype, tmp_path,
+                                                   megatron_cpu):
     from transformers import AutoModelForCausalLM
 
     from megatron_anchor import checkpoint
@@ -40,11 +42,12 @@ def test_import_export_round_trip_is_bit_identical(name, shard, dtype, tmp_path,
         for f in os.listdir(src):
             if f.endswith(".safetensors") or f.endswith(".index.json"):
                 os.remove(os.path.join(src, f))
-        hf.save_pretrained(src, max_shard_size=shard)
+        hf.save_pretrained(src, **({"max_shard_size": shard} if shard else {}))
     if shard:
         assert os.path.isfile(os.path.join(src, "model.safetensors.index.json"))
-    summary = import_checkpoint(src, str(tmp_path / "ckpt"))
-    assert checkpoint.read_model_config(str(tmp_path / "ckpt")).vocab_size == VOCAB
+    summary = import_checkpoint(src, str(tmp_path / "ckpt"), dtype=import_dtype)
+    saved = checkpoint.read_model_config(str(tmp_path / "ckpt"))
+    assert saved.vocab_size == VOCAB and saved.bf16 == (import_dtype == "bf16")
     assert checkpoint.tokenizer_dir(str(tmp_path / "ckpt"))  # tokenizer files travel along
     assert summary.parameters > 0
 
@@ -146,3 +149,31 @@ def test_tp2_load_gives_transformers_logits(tmp_path, megatron_cpu):
             slots = (batch.document_ids == i).nonzero().flatten()
             ref = hf_logits(hf, batch.tokens[slots], batch.position_ids[slots])
             assert rel_diff(ours[slots], ref) <= 1e-5, (name, i, rel_diff(ours[slots], ref))
+
+
+@pytest.mark.parametrize("name", ["qwen2-bias-tied-gqa", "llama31-rope-scaling"])
+def test_export_without_any_hf_config(name, tmp_path, megatron_cpu):
+    """A checkpoint with no Hugging Face config to start from (trained from scratch here):
+    config.json is written from model_config.json alone and transformers matches us."""
+    from transformers import AutoModelForCausalLM
+
+    from megatron_anchor import checkpoint
+    from megatron_anchor.convert import export_checkpoint, import_checkpoint
+
+    src, _ = make_hf_model(name, tmp_path / "hf")
+    path = import_checkpoint(src, str(tmp_path / "ckpt")).output
+    os.remove(os.path.join(path, "hf_config.json"))
+    out = str(tmp_path / "export")
+    export_checkpoint(str(tmp_path / "ckpt"), out)
+    config = json.load(open(os.path.join(out, "config.json")))
+    assert config["model_type"] == ("qwen2" if name.startswith("qwen2") else "llama")
+    assert "bos_token_id" not in config  # nothing invented
+    model, _ = checkpoint.load_model(str(tmp_path / "ckpt"))
+    back = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    docs = documents(seed=4, lengths=(30, 45))
+    batch = pack_documents(docs, 96, "anchor", anchor_token_id=BOS)
+    ours = our_logits(model, batch)
+    for i in range(len(docs)):
+        slots = (batch.document_ids == i).nonzero().flatten()
+        ref = hf_logits(back, batch.tokens[slots], batch.position_ids[slots])
+        assert rel_diff(ours[slots], ref) <= 1e-5

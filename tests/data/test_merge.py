@@ -75,3 +75,15 @@ def test_merge_untagged_shard_needs_default_domain(tmp_path, capsys):
                 "--default-domain", "misc"], capsys)
     merged = open_dataset(str(tmp_path / "m"))
     assert [merged.domains.name_of(i) for i in range(3)] == ["web", "code", "misc"]
+
+
+def test_merge_domain_names_is_first_appearance_union_with_remapped_ids():
+    import numpy as np
+
+    from megatron_anchor.data.indexed import merge_domain_names
+
+    names, ids = merge_domain_names([(["web", "code"], [1, 0, 1]), (["books", "web"], [0, 1]),
+                                     (["misc"], None), (["code"], np.zeros(2, np.int16))])
+    assert names == ["web", "code", "books", "misc"]
+    assert [None if i is None else i.tolist() for i in ids] == [[1, 0, 1], [2, 0], None, [1, 1]]
+    assert all(i.dtype == np.int64 for i in ids if i is not None)

@@ -84,7 +84,11 @@ def test_documents_from_a_dataset_prefix(tmp_path):
     # Byte tokens plus EOD: 10, 501 -> cut to 40, 29.
     assert sorted(len(d) for d in docs) == [10, 29, 40]
 
-    bad = rope_cli.config_from_args(rope_cli.build_parser().parse_args(
-        ["--data-path", str(tmp_path / "missing")]))
+    from megatron_anchor.diagnostics.rope_precision import RopePrecisionConfig, RopePrecisionError
+
+    missing = str(tmp_path / "missing")
+    with pytest.raises(RopePrecisionError, match="dataset file not found"):  # checked up front
+        rope_cli.config_from_args(rope_cli.build_parser().parse_args(["--data-path", missing]))
     with pytest.raises(DatasetError, match="dataset file not found"):
-        rope_inputs.load_documents(bad, source=None, tokens_needed=10)
+        rope_inputs.load_documents(RopePrecisionConfig(data_path=missing, max_document_tokens=8),
+                                   source=None, tokens_needed=10)

@@ -13,7 +13,7 @@ from megatron_anchor.layout import (
 from megatron_anchor.parallel.sharding import join_shards, split_for_rank
 from megatron_anchor.parallel.te_cp import check_te_cp_comm_type
 from megatron_anchor.cli.verify_parity import main as verify_parity_main
-from megatron_anchor.parallel.verify_parity import (
+from megatron_anchor.parallel.parity_batch import (
     parse_length_distribution, synthetic_documents,
 )
 

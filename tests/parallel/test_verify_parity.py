@@ -3,13 +3,11 @@ and a deliberately broken CP layout that must make the command exit with status 
 
 import json
 import os
-import signal
-import subprocess
 import sys
 
 import pytest
 
-from megatron_anchor.testing import run_on_ranks
+from megatron_anchor.testing import run_command, run_on_ranks
 
 pytestmark = pytest.mark.distributed
 
@@ -76,26 +74,13 @@ def test_tool_exits_1_when_cp_chunks_are_wrong(tmp_path):
                "--debug-wrong-cp-chunks", "--json", str(json_path), *TINY_MODEL, *ODD_DOCUMENTS]
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    returncode, stdout, stderr = _run_in_own_session(command, root, env, timeout=240)
+    returncode, stdout, stderr = run_command(command, 240, cwd=root, env=env)
     assert returncode == 1, stdout + stderr[-3000:]
     assert "FAIL" in stdout and "parity FAILED" in stdout
     result = json.loads(json_path.read_text())
     assert result["passed"] is False
     broken = [r for r in result["rows"] if r["layout"] == "tp1cp2"][0]
     assert broken["rel_logit_diff"] > 1e-2
-
-
-def _run_in_own_session(command, cwd, env, timeout):
-    """Run torchrun; on timeout kill its whole process group (the workers too)."""
-    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        stdout, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-        pytest.fail(f"torchrun timed out after {timeout}s\n{stdout}\n{stderr[-3000:]}")
-    return process.returncode, stdout, stderr
 
 
 def _save_then_check_loaded(rank, world_size, root, argv):

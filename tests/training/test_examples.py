@@ -107,3 +107,49 @@ def test_cluster_scripts_parse_and_fit_the_layout(script, tmp_path):
     assert cfg.data.seq_length == context
     assert cfg.model.rotary_base == (5e6 if context == 64 * 1024 else 1e7)
     assert cfg.data.variant == "anchor" and p.sequence_parallel
+
+
+ONE_NODE_128K = [s for s in CLUSTER_SCRIPTS
+                 if "_128k" in s and "qwen" not in os.path.basename(s)]
+
+
+@pytest.mark.parametrize("script", ONE_NODE_128K, ids=os.path.basename)
+def test_7b_128k_scripts_fit_one_node_with_recompute_and_distributed_optimizer(script, tmp_path):
+    """The 7-8B 128K layouts run on one 8-GPU node because of full recomputation and the
+    distributed optimizer; the memory estimate behind examples/README.md fits 80 GB (and
+    would not without recomputation)."""
+    from megatron_anchor.training.arguments import config_from_args, parse_args
+    from megatron_anchor.training.memory import Architecture, estimate
+
+    launcher, argv = launched_argv(script, tmp_path)
+    cfg = config_from_args(parse_args(argv))
+    assert int(launcher[launcher.index("--nnodes") + 1]) == 1
+    m, p = cfg.model, cfg.parallel
+    assert (m.recompute_granularity, m.recompute_method, m.recompute_num_layers) == \
+        ("full", "uniform", 1)
+    assert p.use_distributed_optimizer and p.overlap_grad_reduce and p.overlap_param_gather
+    cfg.validate_memory_features()
+    tp, cp = p.tensor_model_parallel_size, p.context_parallel_size
+    dp = 8 // (tp * cp)
+    arch = Architecture.from_model_config(m)
+    fitted = estimate(arch, cfg.data.seq_length, tp, cp, dp, recompute="full",
+                      distributed_optimizer=True)
+    assert fitted.total < 70e9, fitted.as_gb()  # ~10 GB left for buffers and workspaces
+    assert estimate(arch, cfg.data.seq_length, tp, cp, dp).total > 80e9
+
+
+def test_memory_estimate_by_hand():
+    from megatron_anchor.training.memory import Architecture, estimate
+
+    arch = Architecture(num_layers=2, hidden_size=8, num_attention_heads=2, num_query_groups=1,
+                        ffn_hidden_size=16, vocab_size=32)
+    # per layer: q, o 2*64, k, v 2*8*4, SwiGLU 3*8*16, norms 2*8 = 128+64+384+16 = 592
+    assert arch.parameters == 2 * 592 + 2 * 32 * 8 + 8 == 1704
+    e = estimate(arch, seq_length=100, tp=2, cp=2, dp=2, recompute="full",
+                 distributed_optimizer=True)
+    assert e.weights == 2 * 852 and e.gradients == 4 * 852 and e.optimizer == 12 * 852 / 4
+    # 50 tokens per CP rank; stored per token: 2h + (h + 2kv) + h + h + 2h + 4f = 128 elements
+    assert e.recompute_working_layer == 2 * 128 * 50 / 2
+    assert e.activations_per_layer == 2 * 50 * 8 / 2 and e.logits == 6 * 50 * 32 / 2
+    plain = estimate(arch, seq_length=100, tp=2, cp=2, dp=2)
+    assert plain.activations_per_layer == e.recompute_working_layer and plain.optimizer == 12 * 852
