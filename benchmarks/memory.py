@@ -4,7 +4,9 @@
    backward, AdamW) of the same model on the same packed `anchor` window, once per setting,
    each in a fresh process. Reports the step's peak memory above the memory held before it
    (CPU: peak RSS; GPU: `torch.cuda.max_memory_allocated`), the bytes autograd saves for the
-   backward during the forward (what recomputation trades for compute), and the step time.
+   backward during the forward (what recomputation trades for compute), and the step time
+   (wall, and CPU seconds of the process, steadier on a shared machine; run with
+   OMP_NUM_THREADS=1 for that).
 2. The distributed optimizer (`--use-distributed-optimizer`) with DP=2 against the plain
    optimizer: the optimizer-state bytes each rank holds after a step (Adam moments and FP32
    main weights when they are separate tensors) and whether the losses agree.
@@ -105,17 +107,19 @@ def _recompute_worker(setting, args, queue):
         before = torch.cuda.memory_allocated()
     else:
         before = _current_rss_bytes()
-    times, losses = [], []
+    times, cpu_times, losses = [], [], []
     for _ in range(args.steps):
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         metrics = train_step(components, [batch], cfg)
         if gpu:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - started)
+        cpu_times.append(time.process_time() - cpu_started)
         losses.append(metrics["loss"])
     peak = torch.cuda.max_memory_allocated() if gpu else _rss_bytes()
     runtime.destroy()
     queue.put({"setting": setting, "step_s": statistics.median(times),
+               "step_cpu_s": statistics.median(cpu_times),
                "step_peak_bytes": peak - before, "saved_for_backward_bytes": saved[0],
                "losses": losses, "segments": batch.num_segments,
                "device": "cuda" if gpu else "cpu"})
@@ -130,7 +134,8 @@ def recompute(args) -> dict:
         proc.start()
         rows.append(queue.get())
         proc.join()
-        print(f"  {setting:>15}: step {rows[-1]['step_s']:.2f} s, peak +"
+        print(f"  {setting:>15}: step {rows[-1]['step_s']:.2f} s ({rows[-1]['step_cpu_s']:.2f} "
+              f"s CPU), peak +"
               f"{rows[-1]['step_peak_bytes'] / 2**20:.0f} MiB, saved for backward "
               f"{rows[-1]['saved_for_backward_bytes'] / 2**20:.0f} MiB", file=sys.stderr)
     base = rows[0]
@@ -139,6 +144,8 @@ def recompute(args) -> dict:
         row["saved_bytes_saving_vs_none"] = (1 - row["saved_for_backward_bytes"]
                                              / base["saved_for_backward_bytes"])
         row["time_cost_vs_none"] = row["step_s"] / base["step_s"] - 1
+        # CPU seconds of the process: on a shared machine far steadier than wall time.
+        row["cpu_time_cost_vs_none"] = row["step_cpu_s"] / base["step_cpu_s"] - 1
         row["losses_equal_none"] = row["losses"] == base["losses"]
     return {"seq_length": args.seq_length, "num_layers": args.num_layers,
             "hidden_size": args.hidden_size, "rows": rows}

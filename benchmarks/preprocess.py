@@ -29,8 +29,8 @@ import numpy as np  # noqa: E402
 
 
 def prepare_inputs(work_dir: str, corpus: str | None, tokenizer: str | None, max_bytes: int):
-    from megatron_anchor.data.sample_corpus import main as build_corpus
-    from megatron_anchor.data.train_tokenizer import main as train_tokenizer
+    from megatron_anchor.cli.build_sample_corpus import main as build_corpus
+    from megatron_anchor.cli.train_tokenizer import main as train_tokenizer
 
     corpus = corpus or os.path.join(work_dir, "corpus.jsonl")
     if not os.path.exists(corpus):
@@ -64,13 +64,14 @@ def naive_preprocess(corpus: str, tokenizer_path: str, prefix: str) -> int:
 
 
 def tool_preprocess(corpus: str, tokenizer_path: str, prefix: str, workers: int) -> int:
-    from megatron_anchor.data.preprocess import main
+    from megatron_anchor.cli.preprocess_data import build_parser, config_from_args
+    from megatron_anchor.data.preprocess import preprocess
 
     argv = ["--input", corpus, "--output-prefix", prefix, "--tokenizer-type",
             "HuggingFaceTokenizer", "--tokenizer-model", tokenizer_path, "--append-eod",
             "--domain-key", "meta.source", "--workers", str(workers), "--log-interval", "1000000"]
     with contextlib.redirect_stdout(io.StringIO()):
-        summary = main(argv)
+        summary = preprocess(config_from_args(build_parser().parse_args(argv)))
     return summary["tokens"]["text"]
 
 

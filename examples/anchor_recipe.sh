@@ -2,19 +2,20 @@
 # The paper's continued-pretraining recipe (DESIGN.md section 8), shared by every
 # pretrain_<model>_<context>.sh: AdamW (weight decay 0.1, betas 0.9/0.95), LR 2e-5 with cosine
 # decay, 2000 steps of 8 windows, AnchorAttention over packed documents, Transformer Engine,
-# BF16, sequence parallelism. A launch script sets MODEL_ARGS, PARALLEL_ARGS, TOKENIZER_ARGS,
-# SEQ_LENGTH, NNODES, DATA_PATH and SAVE (and optionally MEMORY_ARGS: activation recomputation,
-# distributed optimizer), then sources this file, which launches one node's 8 ranks. Extra
+# BF16, sequence parallelism. A launch script sets PRETRAINED (the base model imported with
+# megatron-anchor-convert: the architecture and tokenizer come from it), MODEL_ARGS (what the
+# recipe changes: the RoPE base, checked against the checkpoint), PARALLEL_ARGS,
+# TOKENIZER_ARGS, SEQ_LENGTH, NNODES, DATA_PATH and SAVE (and optionally MEMORY_ARGS:
+# activation recomputation, distributed optimizer), then sources this file, which launches
+# one node's 8 ranks. Extra
 # flags given to the launch script come last and win. Throughput is logged as model TFLOP/s
 # per GPU and MFU against --peak-tflops (default: looked up from the GPU name, H100 989).
 #
-# Environment: PRETRAINED (a Megatron dist checkpoint of the base model, weights only: convert
-# the Hugging Face checkpoint with Megatron-Bridge or Megatron-LM's converter), NODE_RANK,
-# MASTER_ADDR, MASTER_PORT (examples/slurm_anchor.sbatch sets them on a cluster).
-# --load resumes this run's own checkpoints exactly.
+# Environment: NODE_RANK, MASTER_ADDR, MASTER_PORT (examples/slurm_anchor.sbatch sets them on
+# a cluster). --pretrained-checkpoint starts from the base model's weights; --load resumes
+# this run's own checkpoints exactly once there are some.
 set -euo pipefail
 
-PRETRAINED=${PRETRAINED:-}
 NODE_RANK=${NODE_RANK:-0}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
@@ -32,9 +33,8 @@ TRAIN_ARGS=(
 OUTPUT_ARGS=(
   --save "$SAVE" --load "$SAVE" --save-interval 10
   --log-interval 1 --eval-interval 200 --eval-iters 1 --tensorboard-dir "$SAVE/tensorboard"
-  --no-progress-bar
+  --no-progress-bar --pretrained-checkpoint "$PRETRAINED"
 )
-if [ -n "$PRETRAINED" ]; then OUTPUT_ARGS+=(--pretrained-checkpoint "$PRETRAINED"); fi
 
 torchrun --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node 8 \
   --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" \

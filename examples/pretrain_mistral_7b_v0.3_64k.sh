@@ -3,28 +3,31 @@
 # RoPE base 5000000; the rest of the recipe: examples/anchor_recipe.sh.
 #   8 windows x 65536 tokens = 524,288 tokens per step.
 # Layout: TP=8 + sequence parallel on one node: ~37 GB of activations and ~14 GB of weights+AdamW per GPU.
-# Tokenizer: SentencePieceTokenizer; BOS <s> is the anchor.
 #
 # Inside an NGC PyTorch container (Transformer Engine, apex) with this repository
 # pip-installed: bash examples/pretrain_mistral_7b_v0.3_64k.sh [extra flags]; on SLURM:
 # sbatch --nodes N examples/slurm_anchor.sbatch examples/pretrain_mistral_7b_v0.3_64k.sh
+#
+# Step 1, once (CPU is enough): the Hugging Face base model as a Megatron checkpoint, RoPE
+# base raised to the recipe's 5e6 (the tokenizer files are copied into it):
+#   megatron-anchor-convert import --hf-dir /models/Mistral-7B-v0.3 --output "$PRETRAINED" \
+#       --rotary-base 5000000 --dtype bf16
+# After training: megatron-anchor-convert export --load "$SAVE" --output <hf dir>.
 set -euo pipefail
+
+PRETRAINED=${PRETRAINED:-checkpoints/mistral_7b_v0.3_base_rope5e6}
 
 DATA_PATH=${DATA_PATH:-/data/slimpajama_64k_text_document}
 SAVE=${SAVE:-checkpoints/mistral_7b_v0.3_64k_anchor}
 NNODES=${NNODES:-1}
 SEQ_LENGTH=65536
 
-MODEL_ARGS=(
-  --num-layers 32 --hidden-size 4096 --ffn-hidden-size 14336
-  --num-attention-heads 32 --num-query-groups 8
-  --vocab-size 32768 --norm-epsilon 1e-5 --rotary-base 5000000
-)
+# The architecture and the tokenizer come from the imported checkpoint; only what the recipe
+# changes is set here. --rotary-base is checked against the checkpoint (import with it).
+MODEL_ARGS=(--rotary-base 5000000)
 PARALLEL_ARGS=(
   --tensor-model-parallel-size 8 --context-parallel-size 1 --sequence-parallel
   --cp-comm-type p2p --attention-backend te --bf16
 )
-TOKENIZER_ARGS=(
-  --tokenizer-type SentencePieceTokenizer --tokenizer-model "${TOKENIZER_MODEL:-/models/Mistral-7B-v0.3/tokenizer.model}"
-)
+TOKENIZER_ARGS=(--tokenizer-type HuggingFaceTokenizer --tokenizer-model "$PRETRAINED/tokenizer")
 source "$(dirname "${BASH_SOURCE[0]}")/anchor_recipe.sh"

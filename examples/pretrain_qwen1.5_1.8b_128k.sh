@@ -3,28 +3,31 @@
 # RoPE base 10000000; the rest of the recipe: examples/anchor_recipe.sh.
 #   8 windows x 131072 tokens = 1,048,576 tokens per step.
 # Layout: TP=4 x CP=2 on one node (DP=1).
-# Tokenizer: HuggingFaceTokenizer; no BOS: EOS <|endoftext|> is the anchor. Qwen-1.5's QKV biases are not modelled (add_bias_linear=False).
 #
 # Inside an NGC PyTorch container (Transformer Engine, apex) with this repository
 # pip-installed: bash examples/pretrain_qwen1.5_1.8b_128k.sh [extra flags]; on SLURM:
 # sbatch --nodes N examples/slurm_anchor.sbatch examples/pretrain_qwen1.5_1.8b_128k.sh
+#
+# Step 1, once (CPU is enough): the Hugging Face base model as a Megatron checkpoint, RoPE
+# base raised to the recipe's 1e7 (the tokenizer files are copied into it):
+#   megatron-anchor-convert import --hf-dir /models/Qwen1.5-1.8B --output "$PRETRAINED" \
+#       --rotary-base 10000000 --dtype bf16
+# After training: megatron-anchor-convert export --load "$SAVE" --output <hf dir>.
 set -euo pipefail
+
+PRETRAINED=${PRETRAINED:-checkpoints/qwen1.5_1.8b_base_rope1e7}
 
 DATA_PATH=${DATA_PATH:-/data/slimpajama_128k_text_document}
 SAVE=${SAVE:-checkpoints/qwen1.5_1.8b_128k_anchor}
 NNODES=${NNODES:-1}
 SEQ_LENGTH=131072
 
-MODEL_ARGS=(
-  --num-layers 24 --hidden-size 2048 --ffn-hidden-size 5504
-  --num-attention-heads 16 --num-query-groups 16
-  --vocab-size 151936 --norm-epsilon 1e-6 --rotary-base 10000000
-)
+# The architecture and the tokenizer come from the imported checkpoint; only what the recipe
+# changes is set here. --rotary-base is checked against the checkpoint (import with it).
+MODEL_ARGS=(--rotary-base 10000000)
 PARALLEL_ARGS=(
   --tensor-model-parallel-size 4 --context-parallel-size 2 --sequence-parallel
   --cp-comm-type p2p --attention-backend te --bf16
 )
-TOKENIZER_ARGS=(
-  --tokenizer-type HuggingFaceTokenizer --tokenizer-model "${TOKENIZER_MODEL:-/models/Qwen1.5-1.8B}"
-)
+TOKENIZER_ARGS=(--tokenizer-type HuggingFaceTokenizer --tokenizer-model "$PRETRAINED/tokenizer")
 source "$(dirname "${BASH_SOURCE[0]}")/anchor_recipe.sh"

@@ -45,7 +45,8 @@ _ITERATION_DIR = re.compile(r"^iter_(\d{7})$")
 
 # ModelConfig fields a caller may change at load: they decide how, not what, is computed.
 RUNTIME_FIELDS = ("attention_backend", "rope_fp32", "bf16", "sequence_parallel",
-                  "cp_comm_type", "max_sequence_length")
+                  "cp_comm_type", "max_sequence_length", "recompute_granularity",
+                  "recompute_method", "recompute_num_layers", "recompute_modules")
 
 
 class CheckpointError(ValueError):
@@ -245,7 +246,8 @@ def load_model(path: str, *, tp: Optional[int] = None, cp: Optional[int] = None,
                                    parallel_state.get_context_parallel_world_size(), cpu=cpu)
     else:
         runtime.ensure_initialized(tp or 1, cp or 1, cpu=cpu)
-    model = build_model(config).to(runtime.device())
+    # No random init: every weight is overwritten by the checkpoint's.
+    model = build_model(config, initialize=False).to(runtime.device())
     load_weights(model, path)
     model.eval()
     return model, config

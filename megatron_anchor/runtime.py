@@ -30,9 +30,21 @@ class ParallelLayoutError(ValueError):
 
 
 _CPU: Optional[bool] = None
+_WHY = ""
+_ANNOUNCED = False
 
 
-def decide_device(cpu: Optional[bool] = None, announce: bool = True) -> bool:
+def _announce() -> None:
+    """One line, once per process, on rank 0, when the process groups are set up on CPU."""
+    global _ANNOUNCED
+    if _CPU and not _ANNOUNCED and _rank_from_env() == 0:
+        print(f"megatron-anchor: running on CPU ({_WHY}): gloo process groups, Megatron-Core's "
+              "PyTorch fallbacks for Transformer Engine/Apex kernels", file=sys.stderr,
+              flush=True)
+    _ANNOUNCED = True
+
+
+def decide_device(cpu: Optional[bool] = None) -> bool:
     """True for CPU. `cpu=None`: automatic (CPU when no CUDA device is visible).
 
     The first decision of the process sticks; a later explicit request for the other
@@ -50,16 +62,14 @@ def decide_device(cpu: Optional[bool] = None, announce: bool = True) -> bool:
     if wanted:
         # A GPU-only tuning hint (overlap of TP communication with CUDA streams).
         warnings.filterwarnings("ignore", message=".*CUDA_DEVICE_MAX_CONNECTIONS.*")
-    if wanted and announce and _rank_from_env() == 0:
-        why = "no CUDA device visible" if cpu is None else "--cpu"
-        print(f"megatron-anchor: running on CPU ({why}): gloo process groups, Megatron-Core's "
-              "PyTorch fallbacks for Transformer Engine/Apex kernels", file=sys.stderr, flush=True)
     _CPU = wanted
+    global _WHY
+    _WHY = "no CUDA device visible" if cpu is None else "--cpu"
     return _CPU
 
 
 def is_cpu() -> bool:
-    return decide_device(None, announce=False) if _CPU is None else _CPU
+    return decide_device(None) if _CPU is None else _CPU
 
 
 def device() -> torch.device:
@@ -136,6 +146,7 @@ def initialize(tp: int = 1, cp: int = 1, *, cpu: Optional[bool] = None, seed: in
     _default_env()
     use_cpu = decide_device(cpu)
     check_world_size(world_size(), (tp, cp))
+    _announce()
     if use_cpu:
         from megatron_anchor.cpu import enable_cpu_mode
 

@@ -16,11 +16,17 @@ from typing import Callable, List, Optional
 
 _OTHER_RANKS_WAIT_S = 5.0
 
+class UsageError(ValueError):
+    """A flag that argparse cannot accept (unknown, missing, wrong type, out of choices)."""
+
+
 def user_errors() -> tuple:
     """The exception types that mean "the user asked for something that cannot be done"."""
     from megatron_anchor.backends import BackendError
     from megatron_anchor.checkpoint import CheckpointError
     from megatron_anchor.data.indexed import DatasetError
+    from megatron_anchor.diagnostics.rope_precision import RopePrecisionError
+    from megatron_anchor.evaluation.tasks import EvaluationError
     from megatron_anchor.layout import LayoutError
     from megatron_anchor.model import ModelLayoutError
     from megatron_anchor.parallel.te_cp import TEVersionError
@@ -28,9 +34,9 @@ def user_errors() -> tuple:
     from megatron_anchor.runtime import ParallelLayoutError
     from megatron_anchor.training.config import ConfigError
 
-    return (BackendError, CheckpointError, ConfigError, DatasetError, LayoutError,
-            ModelLayoutError, ParallelLayoutError, ParityError, TEVersionError,
-            FileNotFoundError)
+    return (BackendError, CheckpointError, ConfigError, DatasetError, EvaluationError,
+            LayoutError, ModelLayoutError, ParallelLayoutError, ParityError,
+            RopePrecisionError, TEVersionError, UsageError, FileNotFoundError)
 
 
 def _rank() -> int:
@@ -54,11 +60,17 @@ def fail(prog: str, message: str) -> int:
 
 
 def run_tool(prog: str, body: Callable[[Optional[List[str]]], int],
-             argv: Optional[List[str]] = None) -> int:
-    """Run a tool's body; the project's errors become one line and exit status 2."""
+             argv: Optional[List[str]] = None, errors: tuple = ()) -> int:
+    """Run a tool's body; the project's errors (and the tool's own `errors` types) become
+    one line and exit status 2; `--help` is status 0. Any other exception is a bug and
+    keeps its traceback."""
     try:
         return int(body(argv) or 0)
-    except user_errors() as err:
+    except user_errors() + tuple(errors) as err:
         return fail(prog, " ".join(str(err).split("\n")) or type(err).__name__)
+    except SystemExit as done:  # argparse's --help
+        if done.code in (0, None):
+            return 0
+        raise
     except KeyboardInterrupt:
         return fail(prog, "interrupted")

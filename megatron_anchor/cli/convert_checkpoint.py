@@ -14,7 +14,8 @@ import re
 import sys
 from typing import List, Optional
 
-from megatron_anchor.cli.parsing import ToolParser, run
+from megatron_anchor.cli.common import run_tool
+from megatron_anchor.cli.parsing import ToolParser
 
 PROG = "megatron-anchor-convert"
 
@@ -142,7 +143,7 @@ def _main(argv: Optional[List[str]]) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    return run(PROG, _main, argv)
+    return run_tool(PROG, _main, argv)
 
 
 if __name__ == "__main__":

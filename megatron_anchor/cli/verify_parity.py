@@ -17,6 +17,7 @@ from typing import List, Optional
 
 from megatron_anchor.backends import BACKEND_NAMES
 from megatron_anchor.cli.common import run_tool
+from megatron_anchor.cli.parsing import HelpFormatter, ToolParser
 from megatron_anchor.parallel.te_cp import CP_COMM_TYPES
 
 PROG = "megatron-anchor-verify-parity"
@@ -51,13 +52,12 @@ bf16. A wrong CP layout or TP split shows up as rel >> 1e-3 and low top-1.
 """
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter,
-                     argparse.RawDescriptionHelpFormatter):
+class _HelpFormatter(HelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Defaults in the option help, and the reading guide kept as written."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ToolParser(
         prog=PROG,
         description="Compare logits, loss and gradients of one model and one packed window "
                     "across tensor/context-parallel layouts. Launch with torchrun and as many "

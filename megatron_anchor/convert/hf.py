@@ -351,7 +351,7 @@ def export_checkpoint(load: str, output: str, *, hf_config_dir: Optional[str] = 
                                                 sequence_parallel=False)
     os.makedirs(output, exist_ok=True)
     state = model.state_dict()
-    files = write_hf_weights(state, model_config, output, torch_dtype, max_shard_bytes, progress)
+    write_hf_weights(state, model_config, output, torch_dtype, max_shard_bytes, progress)
     _write_atomic_json(os.path.join(output, "config.json"), hf)
     tokenizer = checkpoint.tokenizer_dir(load)
     if tokenizer:

@@ -241,16 +241,16 @@ class WindowDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, data_path, config: WindowConfig):
-        from megatron_anchor.layout import VARIANTS, pack_documents
+        from megatron_anchor.layout import (
+            check_anchor, check_interleave, check_seq_length, pack_documents,
+        )
 
         self._pack = pack_documents
         self.config = config
-        if config.variant not in VARIANTS:
-            raise DatasetError(f"unknown variant {config.variant!r}; choose one of {VARIANTS}")
-        if config.variant == "anchor" and config.anchor_token_id is None:
-            raise DatasetError("variant 'anchor' needs anchor_token_id (the tokenizer's BOS)")
-        if config.interleave_chunks is not None and config.interleave_chunks not in (2, 3):
-            raise DatasetError("interleave_chunks must be 2 or 3")
+        # The packer's own rules (layout.py), checked before any document is read.
+        check_anchor(config.variant, config.anchor_token_id)
+        check_interleave(config.variant, config.interleave_chunks)
+        check_seq_length(config.seq_length, config.cp_size)
         self.prefixes, self.weights = parse_data_path(data_path)
         self.sources = [open_dataset(p) for p in self.prefixes]
         self.domain_names, self._doc_domains = self._domain_tables()

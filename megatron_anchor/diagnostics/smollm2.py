@@ -7,8 +7,8 @@ undoing to get a standard Llama:
 * llama.cpp's converter permutes the rows of attn_q / attn_k so its interleaved RoPE (pairs
   (2i, 2i+1)) equals HF's rotate-half RoPE (pairs (i, i + D/2)). We reverse the permutation
   so `megatron_anchor.rope.apply_rope` (rotate-half, as Megatron-Core) applies unchanged.
-* The model ties its output layer to the embedding (no `output.weight` tensor); Megatron
-  models here use untied embeddings, so the embedding is copied into the output layer.
+* The model ties its output layer to the embedding (no `output.weight` tensor); the
+  Megatron model is built tied too (`share_embeddings_and_output_weights`).
 
 `import_smollm2(ImportConfig)` is the converter behind `megatron-anchor-import-smollm2`
 (`megatron_anchor.cli.import_smollm2`): a Megatron-Core checkpoint with its tokenizer that
@@ -126,7 +126,8 @@ def read_weights(reader, cfg: LlamaConfig) -> dict:
     raw = {t.name: torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32))
            .float() for t in reader.tensors}
     weights = {"embedding": raw["token_embd.weight"], "final_norm": raw["output_norm.weight"]}
-    # Tied embeddings: our Megatron models are untied, so the output layer gets a copy.
+    # Tied embeddings: the reference Llama reads the output layer from here; the Megatron
+    # model is tied and never stores it.
     weights["output"] = raw.get("output.weight", raw["token_embd.weight"]).clone()
     for i in range(cfg.num_layers):
         for name, gguf_name in GGUF_LAYER_NAMES.items():

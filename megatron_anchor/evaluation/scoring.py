@@ -21,6 +21,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 
 from megatron_anchor.evaluation.tasks import EvaluationError, Sample
+from megatron_anchor.layout import cp_multiple
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,7 @@ def _layout():
 
 
 def window_length(num_tokens: int, cp_size: int) -> int:
-    multiple = 2 * cp_size if cp_size > 1 else 1
+    multiple = cp_multiple(cp_size)
     return -(-num_tokens // multiple) * multiple
 
 

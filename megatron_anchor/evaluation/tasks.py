@@ -278,7 +278,8 @@ def _niah(enc, rng, length, depth, *, haystack: str, key_kind: str, value_kind: 
     return draft, filler_from(side), filler_from(ctrl)
 
 
-_VT_HEAD = "Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n"
+_VT_HEAD = ("Memorize and track the chain(s) of variable assignment hidden in the following "
+            "text.\n\n")
 _VT_TAIL = ("Question: Find all variables that are assigned the value {v} in the text above. "
             "Answer: According to the chain(s) of variable assignment in the text above, "
             "{n} variables are assigned the value {v}, they are:")

@@ -60,12 +60,14 @@ def _model_flag(args: argparse.Namespace, flag: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from megatron_anchor.cli.parsing import ToolParser
+
+    parser = ToolParser(
         prog="megatron-anchor-pretrain",
         description="Long-context (continued) pretraining of a Llama-style Megatron-Core GPT "
                     "model with AnchorAttention. Launch with torchrun (one or many processes); "
-                    "--cpu runs over gloo with Megatron-Core's CPU shims.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                    "--cpu (automatic without a GPU) runs over gloo with Megatron-Core's CPU "
+                    "shims. Bad flags: one line and exit status 2.",
     )
     _parallel_args(parser)
     _model_args(parser)

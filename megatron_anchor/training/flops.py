@@ -116,7 +116,9 @@ def default_peak_tflops(device_name: Optional[str] = None, bf16: bool = True) ->
     if not bf16:
         return None
     if device_name is None:
-        if not torch.cuda.is_available():
+        from megatron_anchor import runtime
+
+        if runtime.is_cpu():
             return None
         device_name = torch.cuda.get_device_name()
     name = device_name.upper()

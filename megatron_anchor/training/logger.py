@@ -22,6 +22,7 @@ class RunLogger:
         self.train_points: List[tuple] = []   # (iteration, loss)
         self._interval_losses: List[float] = []
         self.valid_points: List[tuple] = []   # (iteration, loss)
+        self.unigram_ce: Optional[float] = None  # validation targets, training unigram model
         self.bar = None
         self.writer = None
         self.metrics_file = None
@@ -53,6 +54,7 @@ class RunLogger:
                     self.train_points.append((record["iteration"], record["loss"]))
                 elif record["kind"] == "valid":
                     self.valid_points.append((record["iteration"], record["all"]))
+                    self.unigram_ce = record.get("unigram_ce", self.unigram_ce)
 
     def print(self, text: str) -> None:
         if not self.enabled:
@@ -88,6 +90,7 @@ class RunLogger:
         if not self.enabled:
             return
         self.valid_points.append((iteration, losses["all"]))
+        self.unigram_ce = unigram_ce if unigram_ce is not None else self.unigram_ce
         record = dict(losses) if unigram_ce is None else {**losses, "unigram_ce": unigram_ce}
         self._record("valid", iteration, record)
         per_domain = ", ".join(f"{k} {v:.4f}" for k, v in losses.items() if k != "all")
@@ -124,6 +127,9 @@ class RunLogger:
         ax.plot(steps, smooth, label=f"train loss (mean of {span} steps)", linewidth=1.6)
         if self.valid_points:
             ax.plot(*zip(*self.valid_points), "o-", label="valid loss")
+        if self.unigram_ce is not None:
+            ax.axhline(self.unigram_ce, color="grey", linestyle="--", linewidth=1,
+                       label=f"valid unigram CE ({self.unigram_ce:.2f})")
         ax.set_xlabel("iteration")
         ax.set_ylabel("loss (nats / trained token)")
         ax.grid(alpha=0.3)

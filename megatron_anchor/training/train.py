@@ -59,9 +59,14 @@ def dp_cp_group():
     return parallel_state.get_data_parallel_group(with_context_parallel=True)
 
 
-def reduce_loss_reports(reports: List[dict], local_flops: float = 0.0):
-    """Mean loss over the trained tokens of the global batch (all micro-batches, DP, CP), and
-    the sum of `local_flops` over the DP x CP ranks (one all-reduce for both)."""
+def reduce_loss_reports(reports: List[dict]) -> float:
+    """Mean loss over the trained tokens of the global batch (all micro-batches, DP, CP)."""
+    return reduce_loss_and_flops(reports)[0]
+
+
+def reduce_loss_and_flops(reports: List[dict], local_flops: float = 0.0):
+    """`reduce_loss_reports`, and the sum of `local_flops` over the DP x CP ranks (one
+    all-reduce for both)."""
     total = torch.stack([r["lm loss"] for r in reports]).sum(0).cpu().double()
     total = torch.cat([total, torch.tensor([local_flops], dtype=torch.float64)])
     if dist.is_initialized():
@@ -103,7 +108,7 @@ def train_step(components: TrainingComponents, microbatches: List[PackedBatch],
     if updated:
         components.scheduler.step(increment=1)
     shape = flops_lib.FlopsShape.from_model_config(cfg.model)
-    loss, step_flops = reduce_loss_reports(reports, local_training_flops(shape, microbatches))
+    loss, step_flops = reduce_loss_and_flops(reports, local_training_flops(shape, microbatches))
     return {"loss": loss, "grad_norm": float(grad_norm or 0.0), "lr": lr,
             "skipped": float(not updated), "flops": step_flops}
 

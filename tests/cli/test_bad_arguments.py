@@ -53,30 +53,26 @@ CASES = [
      ["--save", "{tmp}/ckpt", "--validate-text", "{tmp}/missing.txt"], "--validate-text"),
     ("megatron_anchor.cli.verify_parity", ["--layouts", "tpXcp1"], "tpXcp1"),
     ("megatron_anchor.cli.verify_parity", ["--layouts", "tp1cp1"], "at least two layouts"),
-    pytest.param("megatron_anchor.cli.verify_parity", ["--bogus"], "--bogus",
-                 marks=pytest.mark.xfail(strict=True, reason="argparse prints the usage block "
-                                         "before the error line (not a cli.parsing.ToolParser)")),
-    pytest.param("megatron_anchor.training.pretrain", ["--bogus"], "--bogus",
-                 marks=pytest.mark.xfail(strict=True, reason="argparse prints the usage block "
-                                         "before the error line (not a cli.parsing.ToolParser)")),
-    pytest.param(
-        "megatron_anchor.training.pretrain",
-        ["--cpu", "--data-path", "{tmp}/missing", "--vocab-size", "100",
-         "--micro-batch-size", "3", "--global-batch-size", "4"], "--micro-batch-size 3",
-        marks=pytest.mark.xfail(strict=True, reason="pretrain prints the runtime's 'running on "
-                                "CPU' line before it validates the flags: two stderr lines")),
+    ("megatron_anchor.cli.verify_parity", ["--bogus"], "unrecognized arguments: --bogus"),
+    ("megatron_anchor.training.pretrain", ["--bogus"], "unrecognized arguments: --bogus"),
+    ("megatron_anchor.training.pretrain",
+     ["--cpu", "--data-path", "{tmp}/missing", "--vocab-size", "100",
+      "--micro-batch-size", "3", "--global-batch-size", "4"], "--micro-batch-size 3"),
+    ("megatron_anchor.cli.verify_parity", ["--layouts", "tp1cp1,tp2cp1", "--load", "{tmp}/none"],
+     "no such checkpoint directory"),
+    ("megatron_anchor.cli.convert_checkpoint", ["import", "--hf-dir", "{tmp}/none", "--output",
+                                                "{tmp}/ck"], "no config.json"),
+    ("megatron_anchor.cli.eval_long_context", ["--load", "{tmp}/none"], "no such checkpoint"),
 ]
 
-# Tools whose `main(["--help"])` returns 0 (argparse's SystemExit(0) caught by cli.parsing).
-HELP_XFAIL = pytest.mark.xfail(strict=True, reason="main(['--help']) raises argparse's "
-                               "SystemExit(0) instead of returning 0")
+# Every tool's `main(["--help"])` prints its help and returns 0.
 HELP_TOOLS = [
     "megatron_anchor.cli.build_sample_corpus", "megatron_anchor.cli.dataset_stats",
     "megatron_anchor.cli.import_smollm2", "megatron_anchor.cli.merge_datasets",
     "megatron_anchor.cli.preprocess_data", "megatron_anchor.cli.rope_precision",
     "megatron_anchor.cli.train_tokenizer",
-    pytest.param("megatron_anchor.cli.verify_parity", marks=HELP_XFAIL),
-    pytest.param("megatron_anchor.training.pretrain", marks=HELP_XFAIL),
+    "megatron_anchor.cli.verify_parity", "megatron_anchor.training.pretrain",
+    "megatron_anchor.cli.convert_checkpoint", "megatron_anchor.cli.eval_long_context",
 ]
 
 

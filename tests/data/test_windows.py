@@ -193,7 +193,7 @@ def test_blend_weights_set_token_shares(corpus):
     share = tokens[1] / tokens.sum()
     assert abs(share - 0.75) < 0.02
     # The 40 short "other" documents cycle several epochs: no repeat inside one epoch.
-    other = [int(d) for s, d, _, _ in ds.stream if s == 1]
+    other = [int(d) for s, d, _ in ds.stream if s == 1]
     for e in range(len(other) // 40):
         assert sorted(other[40 * e:40 * (e + 1)]) == list(range(40))
 
@@ -202,7 +202,7 @@ def test_splits_are_disjoint_and_cover_the_documents(corpus):
     docs = {}
     for name in ("train", "valid", "test"):
         ds = WindowDataset(corpus["prefix"], _config(split="80,15,5", split_name=name))
-        docs[name] = {d for _, d, _, _ in ds.stream.tolist()}
+        docs[name] = {d for _, d, _ in ds.stream.tolist()}
     assert docs["train"] == set(range(0, 48)) and docs["valid"] == set(range(48, 57))
     assert docs["test"] == set(range(57, 60))
     assert split_range("969,30,1", "valid", 1000) == (969, 999)
@@ -284,7 +284,9 @@ def test_interleaved_windows_permute_positions_only(corpus):
 
 
 def test_bad_configuration_is_refused(corpus):
-    with pytest.raises(DatasetError, match="anchor_token_id"):
+    from megatron_anchor.layout import LayoutError
+
+    with pytest.raises(LayoutError, match="needs an anchor token id"):
         WindowDataset(corpus["prefix"], _config(anchor_token_id=None))
     with pytest.raises(DatasetError, match="data-path"):
         WindowDataset(f"x {corpus['prefix']} 1 {corpus['other']}", _config())

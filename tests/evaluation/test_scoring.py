@@ -26,7 +26,8 @@ def successor_model(megatron_cpu):
     # Embeddings share a direction u (so one padded row can beat every real logit), yet each
     # is closest to itself.
     u = torch.nn.functional.normalize(torch.randn(cfg.hidden_size), dim=0)
-    noise = torch.nn.functional.normalize(torch.randn(cfg.padded_vocab_size, cfg.hidden_size), dim=-1)
+    noise = torch.nn.functional.normalize(
+        torch.randn(cfg.padded_vocab_size, cfg.hidden_size), dim=-1)
     emb = torch.nn.functional.normalize(0.8 * noise + 0.6 * u, dim=-1)
     with torch.no_grad():
         for name, p in model.named_parameters():

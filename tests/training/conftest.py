@@ -22,7 +22,7 @@ def _stdlib_texts(count=48, max_chars=3000):
 @pytest.fixture(scope="session")
 def byte_corpus(tmp_path_factory):
     """Prefix of an indexed dataset of Python sources, ByteTokenizer ids, domains a/b."""
-    from megatron_anchor.data.preprocess import main as preprocess
+    from megatron_anchor.cli.preprocess_data import main as preprocess
 
     root = tmp_path_factory.mktemp("training_corpus")
     jsonl = root / "corpus.jsonl"

@@ -64,6 +64,28 @@ def test_example_flags_are_accepted(script):
 
 CLUSTER_SCRIPTS = [s for s in SCRIPTS if os.path.basename(s).startswith("pretrain_")]
 
+# The base models' architectures (their Hugging Face config.json): the launch scripts take
+# them from the imported checkpoint, so the layout checks below need them from here.
+ARCHITECTURES = {
+    "llama2_7b": dict(num_layers=32, hidden_size=4096, ffn_hidden_size=11008,
+                      num_attention_heads=32, num_query_groups=32, vocab_size=32000),
+    "llama3_8b": dict(num_layers=32, hidden_size=4096, ffn_hidden_size=14336,
+                      num_attention_heads=32, num_query_groups=8, vocab_size=128256),
+    "mistral_7b_v0.3": dict(num_layers=32, hidden_size=4096, ffn_hidden_size=14336,
+                            num_attention_heads=32, num_query_groups=8, vocab_size=32768),
+    "qwen1.5_1.8b": dict(num_layers=24, hidden_size=2048, ffn_hidden_size=5504,
+                         num_attention_heads=16, num_query_groups=16, vocab_size=151936,
+                         add_qkv_bias=True, share_embeddings_and_output_weights=False),
+}
+
+
+def base_architecture(script, model_config):
+    """The script's base model as the imported checkpoint would give it."""
+    import dataclasses
+
+    name = re.match(r"pretrain_(.+)_(64k|128k)\.sh", os.path.basename(script)).group(1)
+    return dataclasses.replace(model_config, **ARCHITECTURES[name])
+
 
 def launched_argv(script, tmp_path, *extra):
     """Run a launch script with a stand-in `torchrun` that records its arguments: the real
@@ -98,8 +120,11 @@ def test_cluster_scripts_parse_and_fit_the_layout(script, tmp_path):
     p = cfg.parallel
     assert gpus % (p.tensor_model_parallel_size * p.context_parallel_size) == 0
     assert cfg.data.seq_length % (2 * p.context_parallel_size) == 0
-    assert cfg.model.num_attention_heads % p.tensor_model_parallel_size == 0
-    assert (cfg.model.num_query_groups or 0) % p.tensor_model_parallel_size == 0
+    assert "--pretrained-checkpoint" in argv and "--num-layers" not in argv, \
+        "the architecture comes from the imported checkpoint"
+    model = base_architecture(script, cfg.model)
+    assert model.num_attention_heads % p.tensor_model_parallel_size == 0
+    assert model.num_query_groups % p.tensor_model_parallel_size == 0
     assert cfg.data.global_batch_size == 8 and cfg.optim.lr == 2e-5
     assert cfg.optim.weight_decay == 0.1 and (cfg.optim.adam_beta1, cfg.optim.adam_beta2) == (0.9, 0.95)
     assert cfg.optim.train_iters == 7, "extra flags given to a launch script must win"
@@ -131,7 +156,7 @@ def test_7b_128k_scripts_fit_one_node_with_recompute_and_distributed_optimizer(s
     cfg.validate_memory_features()
     tp, cp = p.tensor_model_parallel_size, p.context_parallel_size
     dp = 8 // (tp * cp)
-    arch = Architecture.from_model_config(m)
+    arch = Architecture.from_model_config(base_architecture(script, m))
     fitted = estimate(arch, cfg.data.seq_length, tp, cp, dp, recompute="full",
                       distributed_optimizer=True)
     assert fitted.total < 70e9, fitted.as_gb()  # ~10 GB left for buffers and workspaces

@@ -175,3 +175,21 @@ def test_throughput_and_unigram_ce_reach_logs_metrics_and_summary(megatron_cpu, 
     _print_summary(summary)
     text = capsys.readouterr().out
     assert "unigram CE" in text and "model TFLOP/s" in text and "MFU" in text
+
+
+def test_memory_flags_are_kept_when_starting_from_a_checkpoint(megatron_cpu, byte_corpus,
+                                                               tmp_path):
+    """The architecture comes from the checkpoint; recomputation is the run's own choice (a
+    128K launch script starting from --pretrained-checkpoint must keep it)."""
+    from megatron_anchor.training.pretrain import run, take_architecture_from_checkpoint
+
+    save = str(tmp_path / "run")
+    run(tiny_argv(byte_corpus, "--train-iters", "2", "--save", save))
+    for flag in ("--load", "--pretrained-checkpoint"):
+        cfg = config_from_args(parse_args(tiny_argv(
+            byte_corpus, flag, save, "--recompute-granularity", "full",
+            "--recompute-method", "block", "--recompute-num-layers", "1")))
+        take_architecture_from_checkpoint(cfg)
+        assert cfg.model.num_layers == 2 and cfg.model.hidden_size == 64
+        assert (cfg.model.recompute_granularity, cfg.model.recompute_method,
+                cfg.model.recompute_num_layers) == ("full", "block", 1), flag

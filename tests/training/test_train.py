@@ -155,5 +155,7 @@ def test_interleave_chunks_reaches_the_packed_windows(byte_corpus):
     assert torch.equal(inter.tokens, plain.tokens)
     assert not torch.equal(inter.position_ids, plain.position_ids)
     assert sorted(inter.position_ids.tolist()) == sorted(plain.position_ids.tolist())
-    with pytest.raises(SystemExit):
+    from megatron_anchor.cli.common import UsageError
+
+    with pytest.raises(UsageError, match="--interleave-chunks: invalid choice: 4"):
         parse_args(tiny_argv(byte_corpus, "--interleave-chunks", "4"))
