@@ -79,6 +79,7 @@ def enable_cpu_mode() -> None:
     _patch_schedules_for_cpu()
     _patch_recompute_rng_for_cpu()
     _patch_distributed_optimizer_for_cpu()
+    _patch_mixed_precision_optimizer_for_cpu()
     _ENABLED = True
 
 
@@ -173,6 +174,24 @@ class _CpuTypeNamesAsCuda(torch.overrides.TorchFunctionMode):
                 and not result.startswith("torch.cuda.")):
             return "torch.cuda." + result[len("torch."):]
         return result
+
+
+def _patch_mixed_precision_optimizer_for_cpu() -> None:
+    """`--bf16`: Megatron's `Float16OptimizerWithFloat16Params` (BF16 model weights, FP32 main
+    weights, gradients and Adam state) accepts only ``torch.cuda.*Tensor`` parameters and
+    makes a few buffers on ``device='cuda'``. Answer the type check for CPU tensors and route
+    those buffers to the CPU; the FP32 master copies and the maths are Megatron's."""
+    from megatron.core.optimizer import optimizer as mcore_optimizer
+
+    cls = mcore_optimizer.Float16OptimizerWithFloat16Params
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def init_on_cpu(self, *args, **kwargs):
+        with _CpuTypeNamesAsCuda(), _CudaDeviceToCpu():
+            init(self, *args, **kwargs)
+
+    cls.__init__ = init_on_cpu
 
 
 def _patch_distributed_optimizer_for_cpu() -> None:

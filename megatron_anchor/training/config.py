@@ -157,9 +157,6 @@ class TrainConfig:
                           cp_comm_type=m.cp_comm_type,
                           num_attention_heads=m.num_attention_heads,
                           num_query_groups=m.num_query_groups)
-        if m.bf16 and p.cpu:
-            raise ConfigError("--bf16 is for GPU runs (Megatron's BF16 optimizer keeps FP32 "
-                              "main weights on the GPU); drop it with --cpu")
         if self.logging.eval_interval is not None and self.logging.eval_interval < 1:
             raise ConfigError("--eval-interval must be >= 1")
         self.validate_memory_features()

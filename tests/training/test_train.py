@@ -159,3 +159,28 @@ def test_interleave_chunks_reaches_the_packed_windows(byte_corpus):
 
     with pytest.raises(UsageError, match="--interleave-chunks: invalid choice: 4"):
         parse_args(tiny_argv(byte_corpus, "--interleave-chunks", "4"))
+
+
+def test_bf16_mixed_precision_on_cpu_tracks_fp32(byte_corpus, monkeypatch):
+    """--bf16 on CPU: BF16 weights and activations, FP32 main weights in Megatron's own
+    mixed-precision optimizer; a few steps stay within BF16 tolerance of FP32 and still learn."""
+    from megatron_anchor.training import model_setup
+
+    build, seen = model_setup.build_training_components, {}
+
+    def spy(cfg):  # the run imports build_training_components when it starts
+        components = build(cfg)
+        seen["param_dtypes"] = {p.dtype for p in components.module.parameters()}
+        optimizers = getattr(components.optimizer, "chained_optimizers", [components.optimizer])
+        seen["optimizer"] = type(optimizers[0]).__name__
+        return components
+
+    monkeypatch.setattr(model_setup, "build_training_components", spy)
+    fp32 = run(tiny_argv(byte_corpus, "--train-iters", "4")).losses
+    assert seen["param_dtypes"] == {torch.float32}
+    bf16 = run(tiny_argv(byte_corpus, "--train-iters", "4", "--bf16")).losses
+    assert torch.bfloat16 in seen["param_dtypes"]
+    assert seen["optimizer"] == "Float16OptimizerWithFloat16Params"  # FP32 main weights
+    rel = max(abs(a - b) / a for a, b in zip(fp32, bf16))
+    assert rel < 2.5e-2, (fp32, bf16)
+    assert bf16 != fp32 and bf16[-1] < bf16[0]
