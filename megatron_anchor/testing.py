@@ -85,3 +85,14 @@ def run_command(command, timeout: float, cwd=None, env=None):
         raise TimeoutError(f"{command} timed out after {timeout:.0f}s\n{stdout}\n"
                            f"{stderr[-3000:]}") from None
     return process.returncode, stdout, stderr
+
+
+def fresh_launch_env(**extra) -> dict:
+    """The environment for a launch from a test: without the test process's own one-rank
+    world (RANK, MASTER_PORT, ...), which a child would otherwise try to join."""
+    import os
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(extra)
+    return env

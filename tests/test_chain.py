@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from megatron_anchor.testing import run_command
+from megatron_anchor.testing import fresh_launch_env, run_command
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -28,10 +28,7 @@ def _console_script(name: str, module: str) -> list:
 
 
 def _run(command, timeout=420):
-    # A fresh launch: not the test process's own one-rank world (its rendezvous port).
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    env = fresh_launch_env(OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     returncode, stdout, stderr = run_command(command, timeout, cwd=ROOT, env=env)
     assert returncode == 0, f"{command}\n{stdout[-3000:]}\n{stderr[-5000:]}"
     return stdout, stderr

@@ -4,12 +4,12 @@ results under torchrun at TP=2 and CP=2 (gloo, --cpu) as at TP=1."""
 
 import json
 import os
-import signal
-import subprocess
 import sys
 
 import pytest
 import torch
+
+from megatron_anchor.testing import fresh_launch_env, run_command
 
 from tests.evaluation.helpers import tiny_model_config
 
@@ -36,19 +36,8 @@ def _run(args, timeout=240, nproc=None):
     command = [sys.executable] + (
         ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
         if nproc else []) + [TOOL, "--cpu", "--no-progress", *args]
-    # The test process's own one-rank world (megatron_cpu) must not leak into the child.
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env["OMP_NUM_THREADS"] = "1"
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        stdout, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-        pytest.fail(f"timed out after {timeout}s\n{stdout}\n{stderr[-3000:]}")
-    return process.returncode, stdout, stderr
+    env = fresh_launch_env(OMP_NUM_THREADS="1")
+    return run_command(command, timeout, cwd=ROOT, env=env)
 
 
 # Two tasks, two lengths, two samples: enough to compare layouts sample by sample.
