@@ -242,8 +242,7 @@ def load_model(path: str, *, tp: Optional[int] = None, cp: Optional[int] = None,
 
     config = with_runtime_fields(read_model_config(path), **overrides)
     if parallel_state.model_parallel_is_initialized() and tp is None and cp is None:
-        runtime.ensure_initialized(parallel_state.get_tensor_model_parallel_world_size(),
-                                   parallel_state.get_context_parallel_world_size(), cpu=cpu)
+        runtime.decide_device(cpu)  # the caller's layout, on the device already chosen
     else:
         runtime.ensure_initialized(tp or 1, cp or 1, cpu=cpu)
     # No random init: every weight is overwritten by the checkpoint's.

@@ -50,7 +50,7 @@ def decide_device(cpu: Optional[bool] = None) -> bool:
     The first decision of the process sticks; a later explicit request for the other
     device is an error, because Megatron's state (RNG tracker, buffers) is already set up.
     """
-    global _CPU
+    global _CPU, _WHY
     wanted = (not torch.cuda.is_available()) if cpu is None else bool(cpu)
     if _CPU is not None:
         if cpu is not None and wanted != _CPU:
@@ -63,7 +63,6 @@ def decide_device(cpu: Optional[bool] = None) -> bool:
         # A GPU-only tuning hint (overlap of TP communication with CUDA streams).
         warnings.filterwarnings("ignore", message=".*CUDA_DEVICE_MAX_CONNECTIONS.*")
     _CPU = wanted
-    global _WHY
     _WHY = "no CUDA device visible" if cpu is None else "--cpu"
     return _CPU
 

@@ -196,6 +196,8 @@ def config_from_args(args: argparse.Namespace, argv: Optional[List[str]] = None)
         doc_length_dist=args.doc_length_dist, anchor_token_id=_anchor_token_id(args),
         pad_token_id=args.pad_token_id, debug_wrong_cp_chunks=args.debug_wrong_cp_chunks,
         argv=list(argv or []))
+    # Checked here, before `_main` enters the block whose `finally` destroys the process
+    # groups (an in-process caller keeps its own); `run` checks again for library callers.
     return validate(config)
 
 
