@@ -181,7 +181,7 @@ def build_model(cfg: ModelConfig, use_cpu_initialization: Optional[bool] = None,
         num_attention_heads=cfg.num_attention_heads, num_query_groups=cfg.num_query_groups)
     config = transformer_config(cfg, use_cpu_initialization)
     config.perform_initialization = initialize
-    return GPTModel(
+    model = GPTModel(
         config=config,
         transformer_layer_spec=get_anchor_layer_spec(
             cfg.attention_backend, rotary_base=cfg.rotary_base, rope_fp32=cfg.rope_fp32,
@@ -192,6 +192,9 @@ def build_model(cfg: ModelConfig, use_cpu_initialization: Optional[bool] = None,
         share_embeddings_and_output_weights=cfg.share_embeddings_and_output_weights,
         parallel_output=True,
     )
+    # The local spec's torch norms ignore params_dtype; Megatron-LM's Float16Module casts the
+    # whole model, so that every weight has an FP32 main copy in the mixed-precision optimizer.
+    return model.bfloat16() if cfg.bf16 else model
 
 
 def forward_packed(model, batch: PackedBatch, return_logits: bool = True):

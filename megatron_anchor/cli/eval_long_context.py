@@ -92,6 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run on CPU over gloo (automatic when no GPU is visible)")
     par.add_argument("--attention-backend", default=None, choices=BACKEND_NAMES,
                      help="override the checkpoint's attention backend")
+    precision = par.add_mutually_exclusive_group()
+    precision.add_argument("--bf16", action="store_true",
+                           help="BF16 weights and activations (default: the precision the "
+                                "checkpoint was trained or imported in); compare checkpoints "
+                                "in one precision")
+    precision.add_argument("--fp32", action="store_true",
+                           help="FP32 weights and activations")
     out = parser.add_argument_group("output")
     out.add_argument("--json", default=None, help="write all results to this JSON file")
     out.add_argument("--plot-dir", default=None,
@@ -185,6 +192,10 @@ def _format_average(averaged) -> str:
                      f"{100 * a.min:>6.1f} {100 * a.max:>6.1f}  "
                      + " ".join(f"{100 * v:>7.1f}" for v in a.per_checkpoint.values()))
     return "\n".join(lines)
+
+
+def _precision(model_config) -> str:
+    return "bf16" if model_config.bf16 else "fp32"
 
 
 def _write_json(path: str, payload: dict) -> None:
@@ -299,6 +310,8 @@ def _run(args, argv) -> int:
         overrides["max_sequence_length"] = longest
     if args.attention_backend:
         overrides["attention_backend"] = args.attention_backend
+    if args.bf16 or args.fp32:
+        overrides["bf16"] = args.bf16
     rank0 = is_rank0()
     results = []
     progress_bar = None
@@ -333,7 +346,8 @@ def _run(args, argv) -> int:
             results.append(result)
             if rank0:
                 print(f"\n{label} ({path}) -- {time.perf_counter() - start:.1f}s, "
-                      f"scoring {config.scoring}, TP={args.tensor_model_parallel_size} "
+                      f"scoring {config.scoring}, {_precision(model_config)}, "
+                      f"TP={args.tensor_model_parallel_size} "
                       f"CP={args.context_parallel_size}")
                 print(_format_table(result, config.controls), flush=True)
         averaged = average_checkpoints(results)
@@ -345,6 +359,7 @@ def _run(args, argv) -> int:
                 "command": [PROG] + argv,
                 "checkpoints": [{"label": l, "path": p} for l, p in targets],
                 "tokenizer": tokenizer.path, "anchor_token_id": tokenizer.bos,
+                "precision": _precision(model_config),
                 "tensor_model_parallel_size": args.tensor_model_parallel_size,
                 "context_parallel_size": args.context_parallel_size,
                 "results": [r.to_dict() for r in results],

@@ -55,6 +55,8 @@ def run_config(cfg):
         elif cfg.checkpoint.pretrained_checkpoint:
             loaded = checkpoint.load_weights(components.module,
                                              cfg.checkpoint.pretrained_checkpoint)
+            # --bf16 keeps FP32 main copies, made when the optimizer was built: refresh them.
+            components.optimizer.reload_model_params()
             if rank0:
                 print(f"starting from the weights of {loaded}", flush=True)
         elif cfg.checkpoint.load and rank0:

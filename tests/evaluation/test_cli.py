@@ -60,6 +60,7 @@ def test_quick_run_writes_table_json_and_plots(tiny_run, tmp_path):
     data = json.loads(out.read_text())
     assert [c["label"] for c in data["checkpoints"]] == ["iter_0000010", "iter_0000020"]
     assert data["anchor_token_id"] == 256   # <s> of the byte tokenizer
+    assert data["precision"] == "fp32"      # as the checkpoint was saved
     for result in data["results"]:
         (cell,) = result["cells"]
         assert (cell["task"], cell["length"], cell["n"]) == ("passkey", 512, 2)
@@ -72,6 +73,17 @@ def test_quick_run_writes_table_json_and_plots(tiny_run, tmp_path):
     assert "averaged over the last 2 checkpoints" in stdout and "passkey" in stdout
     assert sorted(os.listdir(plots)) == ["accuracy_vs_length.png", "niah_depth_passkey.png"]
     assert all((plots / f).stat().st_size > 1000 for f in os.listdir(plots))
+
+
+def test_bf16_evaluates_an_fp32_checkpoint_in_bf16(tiny_run, tmp_path):
+    """--bf16 overrides the checkpoint's precision (checkpoints compared in one precision)."""
+    out = tmp_path / "bf16.json"
+    code, stdout, stderr = _run(["--load", tiny_run, "--quick", "--bf16", "--no-controls",
+                                 "--json", str(out)])
+    assert code == 0, stdout + stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["precision"] == "bf16" and ", bf16," in stdout
+    assert data["results"][0]["cells"][0]["n"] == 2
 
 
 def test_bad_input_is_one_line_and_status_2(tiny_run, tmp_path, capsys):

@@ -179,8 +179,32 @@ def test_bf16_mixed_precision_on_cpu_tracks_fp32(byte_corpus, monkeypatch):
     fp32 = run(tiny_argv(byte_corpus, "--train-iters", "4")).losses
     assert seen["param_dtypes"] == {torch.float32}
     bf16 = run(tiny_argv(byte_corpus, "--train-iters", "4", "--bf16")).losses
-    assert torch.bfloat16 in seen["param_dtypes"]
+    assert seen["param_dtypes"] == {torch.bfloat16}  # norms too, as Float16Module casts them
     assert seen["optimizer"] == "Float16OptimizerWithFloat16Params"  # FP32 main weights
     rel = max(abs(a - b) / a for a, b in zip(fp32, bf16))
     assert rel < 2.5e-2, (fp32, bf16)
     assert bf16 != fp32 and bf16[-1] < bf16[0]
+
+
+def test_bf16_from_a_pretrained_checkpoint_keeps_its_weights(megatron_cpu, byte_corpus,
+                                                             tmp_path):
+    """The FP32 main weights are made when the optimizer is built, before the pretrained
+    weights arrive: they must be refreshed, or the first update puts the random init back."""
+    pretrained = str(tmp_path / "pretrained")
+    trained = run(tiny_argv(byte_corpus, "--train-iters", "10", "--save", pretrained))
+    assert trained.last_loss < trained.first_loss - 0.5
+    start = tiny_argv(byte_corpus, "--train-iters", "3", "--pretrained-checkpoint", pretrained)
+    fp32 = run(start).losses
+    bf16 = run(start + ["--bf16"]).losses
+    assert max(abs(a - b) / a for a, b in zip(fp32, bf16)) < 2.5e-2, (fp32, bf16)
+
+
+def test_bf16_resume_is_exact(megatron_cpu, byte_corpus, tmp_path):
+    """BF16 weights, FP32 main weights and Adam state all go through the checkpoint."""
+    common = tiny_argv(byte_corpus, "--train-iters", "4", "--bf16")
+    full = run(common + ["--save", str(tmp_path / "full")])
+    half = str(tmp_path / "half")
+    run(common + ["--save", half, "--exit-interval", "2"])
+    second = run(common + ["--load", half, "--save", half])
+    assert second.start_iteration == 2
+    assert second.losses == full.losses[2:]
