@@ -9,8 +9,8 @@
 #   bash benchmarks/context_extension.sh [WORKDIR]
 #
 # Environment (defaults): SEQ_LENGTH (12288), ROTARY_BASE (1e6), TRAIN_ITERS (10),
-# SAVE_INTERVAL (2), LR (5e-5), LAST_CHECKPOINTS (3), TASKS (passkey,niah_single_1),
-# LENGTHS (8192,12288), SAMPLES (4).
+# SAVE_INTERVAL (2), LR (5e-5), LAST_CHECKPOINTS (3), SAMPLES (4), and the evaluation grid
+# as TASK@LENGTHS entries, space separated: EVAL_GRID ("passkey@8192,12288 niah_single_1@12288").
 # Peak memory is about 20 GB at 12288 tokens (logits of a 49K vocabulary, no recompute): run
 # nothing else beside it on a 24 GB machine. Every step is skipped when its output exists, so
 # an interrupted run continues where it stopped (training resumes exactly from its last
@@ -24,9 +24,8 @@ TRAIN_ITERS=${TRAIN_ITERS:-10}
 SAVE_INTERVAL=${SAVE_INTERVAL:-2}
 LR=${LR:-5e-5}
 LAST_CHECKPOINTS=${LAST_CHECKPOINTS:-3}
-LENGTHS=${LENGTHS:-8192,12288}
 SAMPLES=${SAMPLES:-4}
-TASKS=${TASKS:-passkey,niah_single_1}
+EVAL_GRID=${EVAL_GRID:-passkey@8192,12288 niah_single_1@12288}
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}
@@ -71,8 +70,9 @@ done
 
 # 4. The tasks at the lengths, every checkpoint in BF16 (the precision under study); the runs
 #    averaged over their last checkpoints, as the paper does.
-for TASK in ${TASKS//,/ }; do
-  EVAL=(python "$HERE/tools/eval_long_context.py" --tasks "$TASK" --lengths "$LENGTHS"
+for ENTRY in $EVAL_GRID; do
+  TASK=${ENTRY%@*}
+  EVAL=(python "$HERE/tools/eval_long_context.py" --tasks "$TASK" --lengths "${ENTRY#*@}"
         --samples "$SAMPLES" --no-controls --bf16 --no-progress)
   for RUN in run_full run_anchor; do
     [ -f "eval_$RUN.$TASK.json" ] || "${EVAL[@]}" --load "$RUN" \

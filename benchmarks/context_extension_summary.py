@@ -153,17 +153,26 @@ def plot(training: dict, evals: dict, path: str) -> None:
     left.set(xlabel="iteration", ylabel="train loss (nats/token)", title="training")
     left.legend(fontsize=8)
     for ax, task in zip(axes[0][1:], tasks):
-        for stem, e in evals.items():
-            cells = sorted((c for c in e["cells"].values() if c["task"] == task),
-                           key=lambda c: c["length"])
-            ax.errorbar([c["length"] for c in cells], [100 * c["mean"] for c in cells],
-                        yerr=[[100 * (c["mean"] - c["min"]) for c in cells],
-                              [100 * (c["max"] - c["mean"]) for c in cells]],
-                        marker="o", capsize=3, label=MODELS[stem])
-        ax.set(xlabel="prompt length (tokens)", ylabel="score (%)", ylim=(-5, 105),
-               title=f"{task}: runs averaged over last checkpoints\n(bars: min-max)")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
+        # Grouped bars (one group per length): equal scores stay visible side by side.
+        lengths = sorted({c["length"] for e in evals.values() for c in e["cells"].values()
+                          if c["task"] == task})
+        width = 0.8 / max(1, len(evals))
+        for k, (stem, e) in enumerate(evals.items()):
+            cells = {c["length"]: c for c in e["cells"].values() if c["task"] == task}
+            xs = [i + (k - (len(evals) - 1) / 2) * width
+                  for i, n in enumerate(lengths) if n in cells]
+            got = [cells[n] for n in lengths if n in cells]
+            ax.bar(xs, [100 * c["mean"] for c in got], width,
+                   yerr=[[100 * (c["mean"] - c["min"]) for c in got],
+                         [100 * (c["max"] - c["mean"]) for c in got]],
+                   capsize=3, label=MODELS[stem])
+        ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
+        ax.set(xlabel="prompt length (tokens)", ylabel="score (%)", ylim=(0, 105),
+               title=f"{task} (runs: mean of the last checkpoints;\nbars: min-max)")
+    if tasks:
+        handles, labels = axes[0][1].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
+    fig.tight_layout(rect=(0, 0.07 if tasks else 0, 1, 1))
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=110)
     plt.close(fig)

@@ -149,9 +149,11 @@ class TrainConfig:
             raise ConfigError("--train-iters must be >= 1")
         if o.min_lr > o.lr:
             raise ConfigError(f"--min-lr {o.min_lr} is above --lr {o.lr}")
-        if o.lr_warmup_iters > (o.lr_decay_iters or o.train_iters):
-            raise ConfigError("--lr-warmup-iters is longer than the decay (--train-iters or "
-                              "--lr-decay-iters)")
+        decay = o.lr_decay_iters or o.train_iters
+        if o.lr_warmup_iters >= decay:  # Megatron's scheduler asserts warmup < decay
+            raise ConfigError(f"--lr-warmup-iters {o.lr_warmup_iters} must be below "
+                              f"{'--lr-decay-iters' if o.lr_decay_iters else '--train-iters'} "
+                              f"{decay}")
         backends.validate(m.attention_backend, cpu=p.cpu, tp=p.tensor_model_parallel_size,
                           cp=p.context_parallel_size, sequence_parallel=p.sequence_parallel,
                           cp_comm_type=m.cp_comm_type,
