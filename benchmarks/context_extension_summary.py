@@ -62,6 +62,8 @@ def eval_summary(workdir: str) -> Dict[str, dict]:
     for stem in MODELS:
         for path in sorted(glob.glob(os.path.join(workdir, f"eval_{stem}.*.json"))):
             data = _read_json(path)
+            if data is None:  # e.g. a link to an evaluation still running
+                continue
             model = out.setdefault(stem, {"checkpoints": [c["label"] for c in data["checkpoints"]],
                                           "precision": data.get("precision"), "cells": {}})
             n = {(c["task"], c["length"]): c["n"] for c in data["results"][0]["cells"]}
