@@ -67,12 +67,20 @@ def eval_summary(workdir: str) -> Dict[str, dict]:
             model = out.setdefault(stem, {"checkpoints": [c["label"] for c in data["checkpoints"]],
                                           "precision": data.get("precision"), "cells": {}})
             n = {(c["task"], c["length"]): c["n"] for c in data["results"][0]["cells"]}
+            nll = {}  # (task, length) -> answer NLL per checkpoint (newer eval outputs only)
+            for result in data["results"]:
+                for c in result["cells"]:
+                    if c.get("answer_nll") is not None:
+                        nll.setdefault((c["task"], c["length"]), []).append(c["answer_nll"])
             for avg in data["averaged"]:
+                key = (avg["task"], avg["length"])
+                per = nll.get(key)
                 model["cells"][f"{avg['task']}@{avg['length']}"] = {
                     "task": avg["task"], "length": avg["length"], "mean": avg["mean"],
-                    "min": avg["min"], "max": avg["max"],
-                    "prompts": n[(avg["task"], avg["length"])],
-                    "per_checkpoint": avg["per_checkpoint"]}
+                    "min": avg["min"], "max": avg["max"], "prompts": n[key],
+                    "per_checkpoint": avg["per_checkpoint"],
+                    "answer_nll": statistics.fmean(per) if per else None,
+                    "answer_nll_per_checkpoint": per}
     return out
 
 
@@ -127,6 +135,18 @@ def markdown(training: dict, evals: dict, rope: dict) -> str:
             lines.append(f"| {MODELS[stem]} | {', '.join(e['checkpoints'])} | "
                          + " | ".join(row) + " |")
         lines.append("")
+        if any(c["answer_nll"] is not None for e in evals.values() for c in e["cells"].values()):
+            lines += ["Answer NLL (nats per answer token, teacher-forced; lower is better):", "",
+                      "| model | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+            for stem, e in evals.items():
+                row = []
+                for k in keys:
+                    c = e["cells"].get(k)
+                    per = (c or {}).get("answer_nll_per_checkpoint")
+                    row.append("" if not per else f"{c['answer_nll']:.4f}" + (
+                        f" ({' / '.join(f'{v:.4f}' for v in per)})" if len(per) > 1 else ""))
+                lines.append(f"| {MODELS[stem]} | " + " | ".join(row) + " |")
+            lines.append("")
     if rope:
         lines += ["| model | L | BF16 D | FP32 D | BF16 key-0 share | BF16 first-token "
                   "logit diff | BF16 D, anchor layout |", "|---|---|---|---|---|---|---|"]

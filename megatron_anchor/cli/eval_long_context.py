@@ -171,6 +171,8 @@ def _format_table(result, controls: bool) -> str:
     head = f"{'task':<16} {'length':>7} {'n':>4} {'score %':>8} {'95% CI':>13}"
     head += f" {'control %':>9}" if controls else ""
     head += f" {'chance %':>9} {'s/sample':>9}"
+    with_nll = any(c.answer_nll is not None for c in result.cells)
+    head += f" {'answer NLL':>10}" if with_nll else ""
     lines = [head, "-" * len(head)]
     for c in result.cells:
         row = (f"{c.task:<16} {c.length:>7} {c.n:>4} {100 * c.score:>8.1f} "
@@ -178,6 +180,8 @@ def _format_table(result, controls: bool) -> str:
         if controls:
             row += f" {100 * (c.control_score or 0.0):>9.1f}"
         row += f" {100 * c.chance:>9.3g} {c.seconds_per_sample:>9.2f}"
+        if with_nll:
+            row += f" {c.answer_nll:>10.4f}" if c.answer_nll is not None else f" {'-':>10}"
         lines.append(row)
     return "\n".join(lines)
 

@@ -67,6 +67,12 @@ class SampleResult:
     predicted_ids: List[int]
     answer_ids: List[int]
     text: Optional[str] = None
+    answer_nll: Optional[float] = None   # teacher-forced only (nats per answer token)
+
+
+def _mean(values: List[Optional[float]]) -> Optional[float]:
+    known = [v for v in values if v is not None]
+    return sum(known) / len(known) if known and len(known) == len(values) else None
 
 
 def wilson_interval(successes: float, n: int, z: float = 1.96) -> Tuple[float, float]:
@@ -93,6 +99,7 @@ class CellResult:
     control_score: Optional[float]
     seconds_per_sample: float
     by_depth: Dict[str, Tuple[int, float]] = field(default_factory=dict)
+    answer_nll: Optional[float] = None   # mean over samples (teacher-forced scoring)
 
 
 @dataclass
@@ -192,7 +199,7 @@ def evaluate(model, tokenizer, vocab_size: int, config: EvalConfig, *, label: st
                         control=is_control, score=v.score, correct=v.correct,
                         items_correct=list(v.items_correct),
                         predicted_ids=list(v.predicted_ids), answer_ids=list(s.answer_ids),
-                        text=v.text))
+                        text=v.text, answer_nll=v.answer_nll))
                 done += len(batch) * dp
                 if progress is not None:
                     progress(min(done, total), total)
@@ -214,7 +221,8 @@ def evaluate(model, tokenizer, vocab_size: int, config: EvalConfig, *, label: st
             num_correct=sum(r.correct for r in main), ci_low=low, ci_high=high,
             chance=sum(p.chance for p in prompts) / len(prompts),
             control_score=(sum(r.score for r in control) / len(control)) if control else None,
-            seconds_per_sample=cell_seconds * dp / n, by_depth=by_depth))
+            seconds_per_sample=cell_seconds * dp / n, by_depth=by_depth,
+            answer_nll=_mean([r.answer_nll for r in main])))
     return EvalResult(label=label, config=config, cells=cells, samples=rows)
 
 

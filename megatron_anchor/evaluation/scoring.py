@@ -15,7 +15,7 @@ every rank of the replica sees the same verdicts.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -34,6 +34,9 @@ class Verdict:
     score: float
     correct: bool                    # every item right
     text: Optional[str] = None       # generated text (generation only)
+    # Mean -log p of the answer tokens, teacher-forced (nats/token): a continuous score that
+    # still separates models when both get every answer right.
+    answer_nll: Optional[float] = None
 
 
 def _layout():
@@ -121,7 +124,10 @@ def teacher_forced(model, samples: Sequence[Sample], anchor_token_id: int, vocab
         # Slot of doc token j is start + 1 + j; answer token k is doc token len(prompt) + k.
         first = start + len(sample.prompt_ids)
         rows = logits[first:first + len(sample.answer_ids), :vocab_size]
-        verdicts.append(_verdict(sample, rows.argmax(dim=-1).tolist()))
+        answer = torch.tensor(sample.answer_ids, device=rows.device)
+        nll = -rows.log_softmax(dim=-1).gather(1, answer[:, None]).mean()
+        verdict = _verdict(sample, rows.argmax(dim=-1).tolist())
+        verdicts.append(replace(verdict, answer_nll=float(nll)))
     return verdicts
 
 

@@ -1,6 +1,8 @@
 """Scoring on tiny Megatron models: a model forced to predict "token + 1" gives known
 verdicts; batched windows equal one-by-one forwards; averaging and intervals."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -96,11 +98,24 @@ def test_batched_windows_equal_one_by_one(random_model, byte_tokenizer):
     batched = scoring.teacher_forced(model, samples, byte_tokenizer.bos, cfg.vocab_size)
     single = [scoring.teacher_forced(model, [s], byte_tokenizer.bos, cfg.vocab_size)[0]
               for s in samples]
-    assert batched == single
+    def exact(v):
+        return dataclasses.replace(v, answer_nll=None)
+
+    assert [exact(v) for v in batched] == [exact(v) for v in single]
+    assert [v.answer_nll for v in batched] == pytest.approx([v.answer_nll for v in single],
+                                                            rel=1e-5)
     # The logits themselves, at every slot of every prompt.
     docs = [list(s.prompt_ids) + list(s.answer_ids) for s in samples]
     batch, starts = scoring.pack_windows(docs, byte_tokenizer.bos, 1)
     joint = scoring.full_logits(model, batch, torch.device("cpu"))
+    # The answer NLL: cross entropy of the answer tokens, predicted one slot earlier.
+    for sample, start, verdict in zip(samples, starts, batched):
+        first = start + len(sample.prompt_ids)  # anchor at `start`, prompt token j at start+1+j
+        rows = joint[first:first + len(sample.answer_ids), :cfg.vocab_size]
+        expected = torch.nn.functional.cross_entropy(rows, torch.tensor(sample.answer_ids))
+        assert verdict.answer_nll == pytest.approx(float(expected), rel=1e-5)
+        assert batch.tokens[first + 1:first + 1 + len(sample.answer_ids)].tolist() == \
+            list(sample.answer_ids)
     for doc, start in zip(docs, starts):
         alone_batch, _ = scoring.pack_windows([doc], byte_tokenizer.bos, 1)
         alone = scoring.full_logits(model, alone_batch, torch.device("cpu"))

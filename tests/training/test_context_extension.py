@@ -47,7 +47,7 @@ def workdir(megatron_cpu, byte_corpus, tmp_path_factory):
     return root
 
 
-def test_summary_reads_what_the_tools_wrote(workdir, tmp_path):
+def test_summary_reads_what_the_tools_wrote(workdir, tmp_path, capsys):
     summary = _summary_module()
     training = summary.training_summary(str(workdir))
     evals = summary.eval_summary(str(workdir))
@@ -63,11 +63,13 @@ def test_summary_reads_what_the_tools_wrote(workdir, tmp_path):
         assert cell["prompts"] == 2 and set(cell["per_checkpoint"]) == set(e["checkpoints"])
         values = list(cell["per_checkpoint"].values())
         assert cell["mean"] == pytest.approx(sum(values) / 2)
+        assert len(cell["answer_nll_per_checkpoint"]) == 2 and cell["answer_nll"] > 0
     assert training["run_full"]["loss"] != training["run_anchor"]["loss"]
 
     out = tmp_path / "summary.json"
     png = tmp_path / "summary.png"
     assert summary.main([str(workdir), "--json", str(out), "--plot", str(png)]) == 0
+    assert "Answer NLL" in capsys.readouterr().out
     saved = json.loads(out.read_text())
     assert set(saved["evaluation"]) == {"run_full", "run_anchor"} and saved["rope"] == {}
     assert png.stat().st_size > 10_000
