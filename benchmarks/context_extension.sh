@@ -73,7 +73,7 @@ done
 for ENTRY in $EVAL_GRID; do
   TASK=${ENTRY%@*}
   EVAL=(python "$HERE/tools/eval_long_context.py" --tasks "$TASK" --lengths "${ENTRY#*@}"
-        --samples "$SAMPLES" --no-controls --bf16 --no-progress)
+        --samples "$SAMPLES" --no-controls --bf16)
   for RUN in run_full run_anchor; do
     [ -f "eval_$RUN.$TASK.json" ] || "${EVAL[@]}" --load "$RUN" \
       --last-checkpoints "$LAST_CHECKPOINTS" --json "eval_$RUN.$TASK.json" \
@@ -88,7 +88,7 @@ done
 # 5. The BF16-RoPE diagnostic on each run's last checkpoint and on its starting point.
 for CKPT in run_full run_anchor base_rope; do
   [ -f "rope_$CKPT.json" ] || python "$HERE/tools/rope_precision.py" --load "$CKPT" \
-    --data-path corpus_text_document --quick --no-progress --output-dir "rope_$CKPT" \
+    --data-path corpus_text_document --quick --output-dir "rope_$CKPT" \
     --json "rope_$CKPT.json" | tee "rope_$CKPT.log"
 done
 

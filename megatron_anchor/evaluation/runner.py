@@ -71,8 +71,8 @@ class SampleResult:
 
 
 def _mean(values: List[Optional[float]]) -> Optional[float]:
-    known = [v for v in values if v is not None]
-    return sum(known) / len(known) if known and len(known) == len(values) else None
+    """The mean, or None when a value is missing (generation has no answer NLL)."""
+    return None if not values or None in values else sum(values) / len(values)
 
 
 def wilson_interval(successes: float, n: int, z: float = 1.96) -> Tuple[float, float]:

@@ -15,7 +15,7 @@ every rank of the replica sees the same verdicts.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -96,13 +96,14 @@ def full_logits(model, batch, device) -> torch.Tensor:
         return gather_full_logits(logits, batch.cu_seqlens).float()
 
 
-def _verdict(sample: Sample, predicted: Sequence[int]) -> Verdict:
+def _verdict(sample: Sample, predicted: Sequence[int],
+             answer_nll: Optional[float] = None) -> Verdict:
     answer = sample.answer_ids
     items = tuple(all(predicted[i] == answer[i] for i in range(a, b))
                   for a, b in sample.item_spans)
     score = sum(items) / len(items) if items else 0.0
     return Verdict(items_correct=items, predicted_ids=tuple(int(p) for p in predicted),
-                   score=score, correct=bool(items) and all(items))
+                   score=score, correct=bool(items) and all(items), answer_nll=answer_nll)
 
 
 def teacher_forced(model, samples: Sequence[Sample], anchor_token_id: int, vocab_size: int,
@@ -124,10 +125,9 @@ def teacher_forced(model, samples: Sequence[Sample], anchor_token_id: int, vocab
         # Slot of doc token j is start + 1 + j; answer token k is doc token len(prompt) + k.
         first = start + len(sample.prompt_ids)
         rows = logits[first:first + len(sample.answer_ids), :vocab_size]
-        answer = torch.tensor(sample.answer_ids, device=rows.device)
-        nll = -rows.log_softmax(dim=-1).gather(1, answer[:, None]).mean()
-        verdict = _verdict(sample, rows.argmax(dim=-1).tolist())
-        verdicts.append(replace(verdict, answer_nll=float(nll)))
+        nll = torch.nn.functional.cross_entropy(
+            rows, torch.tensor(sample.answer_ids, device=rows.device))
+        verdicts.append(_verdict(sample, rows.argmax(dim=-1).tolist(), float(nll)))
     return verdicts
 
 
