@@ -74,7 +74,7 @@ bos = json.load(open(f"{hf_dir}/config.json"))["bos_token_id"]
 texts = [json.loads(line)["text"] for line in open(f"{workdir}/corpus.jsonl")][:12]
 docs = [tok.encode(t).ids for t in texts]
 batch = pack_documents(docs, seq, "anchor", anchor_token_id=bos)
-model, cfg = checkpoint.load_model(f"{workdir}/imported")
+model = checkpoint.open(f"{workdir}/imported").load_model()
 with torch.no_grad():
     _, loss = forward_packed(model, batch)
 ours = float((loss * batch.loss_mask).sum() / batch.loss_mask.sum())

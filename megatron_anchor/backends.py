@@ -18,8 +18,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from megatron_anchor.errors import UserError
 
-class BackendError(ValueError):
+
+class BackendError(UserError):
     """A backend that is unknown, not installed, or asked for an option it does not support."""
 
 

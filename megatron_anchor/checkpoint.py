@@ -11,8 +11,10 @@ Layout of a checkpoint root (Megatron-LM's names, so its tools find their way)::
         rng/rank_00000.pt                      trainer runs: every rank's RNG states
     ROOT/tokenizer/                            the tokenizer files the model was trained with
 
-A path given to a tool may be the root (its tracker names the iteration) or one iteration
-directory. Weights are global tensors, so a checkpoint saved at one TP/CP layout loads at
+A path given to a tool may be the root (its tracker names the iteration; `step` picks
+another, Megatron-LM's `--ckpt-step`) or one iteration directory. `open(path)` resolves it
+once into a `Checkpoint`, the handle every tool passes on: the iteration directory, the root,
+the architecture (`model_config.json`, read once) and the tokenizer saved with it. Weights are global tensors, so a checkpoint saved at one TP/CP layout loads at
 another: Megatron-Core reshards at load. RNG states are per rank and are restored only when
 the world size is the same.
 """
@@ -21,18 +23,18 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import io
 import json
 import os
 import random
 import re
-import shutil
 from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-from megatron_anchor import runtime
+from megatron_anchor import files, runtime
+from megatron_anchor.errors import UserError
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 MODEL_CONFIG_FILE = "model_config.json"
@@ -49,7 +51,7 @@ RUNTIME_FIELDS = ("attention_backend", "rope_fp32", "bf16", "sequence_parallel",
                   "recompute_method", "recompute_num_layers", "recompute_modules")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A path that is not a usable checkpoint, or a flag that contradicts it."""
 
 
@@ -70,12 +72,25 @@ def _tracker_target(root: str) -> Optional[str]:
     tracker = os.path.join(root, TRACKER_FILE)
     if not os.path.isfile(tracker):
         return None
-    with open(tracker, encoding="utf-8") as f:
+    with io.open(tracker, encoding="utf-8") as f:
         text = f.read().strip()
     if text != "release" and not text.isdigit():
         raise CheckpointError(f"{tracker}: expected an iteration number or 'release', "
                               f"found {text[:40]!r}")
     return iteration_dir(root, text)
+
+
+def _iteration_of(path: str) -> Optional[int]:
+    match = _ITERATION_DIR.match(os.path.basename(os.path.normpath(path)))
+    return int(match.group(1)) if match else None
+
+
+def _root_of_iteration_dir(path: str) -> str:
+    """The folder holding a standard iteration directory; a directory of another name is
+    its own root."""
+    path = os.path.abspath(path)
+    standard = _iteration_of(path) is not None or os.path.basename(path) == "release"
+    return os.path.dirname(path) if standard else path
 
 
 def exists(path: Optional[str]) -> bool:
@@ -84,31 +99,6 @@ def exists(path: Optional[str]) -> bool:
         return False
     target = path if _is_iteration_dir(path) else _tracker_target(path)
     return target is not None and _is_iteration_dir(target)
-
-
-def resolve(path: str) -> str:
-    """The iteration directory for a checkpoint root or an iteration directory."""
-    if not path or not os.path.isdir(path):
-        raise CheckpointError(f"{path}: no such checkpoint directory")
-    if _is_iteration_dir(path):
-        return path
-    target = _tracker_target(path)
-    if target is None:
-        raise CheckpointError(
-            f"{path}: not a checkpoint (no {TRACKER_FILE} and no dist_checkpointing "
-            "metadata.json); pass a --save directory of a run or one iter_NNNNNNN directory")
-    if not _is_iteration_dir(target):
-        raise CheckpointError(f"{path}: {TRACKER_FILE} points at {target}, which is missing "
-                              "or incomplete")
-    return target
-
-
-def root_of(path: str) -> str:
-    """The checkpoint root of `path` (the folder holding the iteration directories)."""
-    resolved = os.path.abspath(resolve(path))
-    name = os.path.basename(resolved)
-    standard = _ITERATION_DIR.match(name) or name == "release"
-    return os.path.dirname(resolved) if standard else resolved
 
 
 def list_iterations(root: str) -> List[Tuple[int, str]]:
@@ -125,53 +115,50 @@ def list_iterations(root: str) -> List[Tuple[int, str]]:
     return sorted(found)
 
 
-def tokenizer_dir(path: str) -> Optional[str]:
-    """The tokenizer files saved with a checkpoint, or None."""
-    folder = os.path.join(root_of(path), TOKENIZER_DIR)
-    return folder if os.path.isdir(folder) and os.listdir(folder) else None
+def _resolve(path: str, step: Optional[int]) -> str:
+    """The iteration directory for a root (its tracker, or `step`) or an iteration dir."""
+    if not path or not os.path.isdir(path):
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    if step is not None:
+        root = _root_of_iteration_dir(path) if _is_iteration_dir(path) else path
+        target = iteration_dir(root, step)
+        if not _is_iteration_dir(target):
+            have = ", ".join(str(i) for i, _ in list_iterations(root)) or "none"
+            raise CheckpointError(f"--ckpt-step {step}: {target} is missing or incomplete "
+                                  f"(complete iterations under {root}: {have})")
+        return target
+    if _is_iteration_dir(path):
+        return path
+    target = _tracker_target(path)
+    if target is None:
+        raise CheckpointError(
+            f"{path}: not a checkpoint (no {TRACKER_FILE} and no dist_checkpointing "
+            "metadata.json); pass a --save directory of a run or one iter_NNNNNNN directory")
+    if not _is_iteration_dir(target):
+        raise CheckpointError(f"{path}: {TRACKER_FILE} points at {target}, which is missing "
+                              "or incomplete")
+    return target
 
 
-# ----------------------------------------------------------------------------------------
-# The model config
-# ----------------------------------------------------------------------------------------
+def _read_json(path: str):
+    try:
+        with io.open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: unreadable ({err})") from None
 
-def read_model_config(path: str):
+
+def _read_model_config(directory: str):
     from megatron_anchor.model import ModelConfig
 
-    resolved = resolve(path)
-    config_file = os.path.join(resolved, MODEL_CONFIG_FILE)
+    config_file = os.path.join(directory, MODEL_CONFIG_FILE)
     if not os.path.isfile(config_file):
-        raise CheckpointError(f"{resolved}: no {MODEL_CONFIG_FILE}; it was not written by "
+        raise CheckpointError(f"{directory}: no {MODEL_CONFIG_FILE}; it was not written by "
                               "megatron-anchor (the architecture cannot be known)")
     try:
-        with open(config_file, encoding="utf-8") as f:
-            return ModelConfig.from_dict(json.load(f))
-    except (json.JSONDecodeError, TypeError, ValueError) as err:
+        return ModelConfig.from_dict(_read_json(config_file))
+    except (TypeError, ValueError) as err:
         raise CheckpointError(f"{config_file}: {err}") from None
-
-
-def read_train_config(path: str) -> Optional[dict]:
-    config_file = os.path.join(resolve(path), TRAIN_CONFIG_FILE)
-    if not os.path.isfile(config_file):
-        return None
-    with open(config_file, encoding="utf-8") as f:
-        return json.load(f)
-
-
-def check_flags_match(saved, flags: dict, source: str) -> None:
-    """A one-line error for the first architecture flag that contradicts the checkpoint.
-
-    `flags` maps ModelConfig field names to what the user asked for (None: not given).
-    """
-    for name, wanted in flags.items():
-        if wanted is None or name in RUNTIME_FIELDS:
-            continue
-        have = getattr(saved, name)
-        if have != wanted:
-            flag = "--" + name.replace("_", "-")
-            raise CheckpointError(f"{flag} {wanted} contradicts the checkpoint {source} "
-                                  f"({name} = {have}); drop the flag, the architecture comes "
-                                  "from the checkpoint")
 
 
 def with_runtime_fields(config, **overrides):
@@ -183,73 +170,138 @@ def with_runtime_fields(config, **overrides):
     return dataclasses.replace(config, **overrides)
 
 
-def _write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text + "\n")
-    os.replace(tmp, path)
+# ----------------------------------------------------------------------------------------
+# The handle
+# ----------------------------------------------------------------------------------------
 
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """One checkpoint iteration, resolved and read once (`open`); every tool carries this."""
+
+    path: str                      # the iteration directory
+    root: str                      # the folder holding it (and the tokenizer, the tracker)
+    iteration: Optional[int]       # None for ROOT/release
+    model_config: object           # ModelConfig: the architecture, always from here
+    tokenizer_dir: Optional[str]   # ROOT/tokenizer, if the tokenizer was saved with it
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(os.path.normpath(self.path))
+
+    @property
+    def has_training_state(self) -> bool:
+        return os.path.isfile(os.path.join(self.path, TRAIN_STATE_FILE))
+
+    def json_file(self, name: str) -> Optional[dict]:
+        """A JSON file saved next to the weights (train_config.json, an import summary...)."""
+        path = os.path.join(self.path, name)
+        return _read_json(path) if os.path.isfile(path) else None
+
+    def architecture(self, flags: Optional[dict] = None, **runtime_fields):
+        """The checkpoint's architecture with the run's own choices (`RUNTIME_FIELDS`).
+
+        `flags` maps ModelConfig fields to architecture flags the user gave (None: not
+        given); the first one that contradicts the checkpoint is a one-line error.
+        """
+        for name, wanted in (flags or {}).items():
+            if wanted is None or name in RUNTIME_FIELDS:
+                continue
+            have = getattr(self.model_config, name)
+            if have != wanted:
+                flag = "--" + name.replace("_", "-")
+                raise CheckpointError(f"{flag} {wanted} contradicts the checkpoint {self.path} "
+                                      f"({name} = {have}); drop the flag, the architecture "
+                                      "comes from the checkpoint")
+        return with_runtime_fields(self.model_config, **runtime_fields)
+
+    def _check_architecture(self, config) -> None:
+        saved = dataclasses.asdict(self.model_config)
+        for name, value in dataclasses.asdict(config).items():
+            if name not in RUNTIME_FIELDS and saved.get(name) != value:
+                raise CheckpointError(f"{self.path}: {name} = {saved.get(name)} in the "
+                                      f"checkpoint, {value} in the model to load it into")
+
+    def load_weights(self, model) -> None:
+        """Load the weights into `model` (built on the current TP/CP layout). Collective."""
+        from megatron.core import dist_checkpointing
+
+        loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, self.path)
+        model.load_state_dict(loaded["model"])
+
+    def load_model(self, config=None, *, tp: Optional[int] = None, cp: Optional[int] = None,
+                   cpu: Optional[bool] = None, **runtime_fields):
+        """The model of `config` holding these weights, in eval mode. `config` defaults to
+        `architecture(**runtime_fields)`: the checkpoint's, with run-time changes.
+
+        Built on the current TP/CP layout; if Megatron's parallel state is not initialised
+        yet, a single-process one (or `tp`×`cp`) is set up, on CPU when no GPU is visible.
+        """
+        from megatron.core import parallel_state
+
+        from megatron_anchor.model import build_model
+
+        if config is None:
+            config = self.architecture(**runtime_fields)
+        elif runtime_fields:
+            raise TypeError("give either a config or run-time fields, not both")
+        self._check_architecture(config)
+        if parallel_state.model_parallel_is_initialized() and tp is None and cp is None:
+            runtime.decide_device(cpu)  # the caller's layout, on the device already chosen
+        else:
+            runtime.ensure_initialized(tp or 1, cp or 1, cpu=cpu)
+        # No random init: every weight is overwritten by the checkpoint's.
+        model = build_model(config, initialize=False).to(runtime.device())
+        self.load_weights(model)
+        model.eval()
+        return model
+
+
+def open(path: str, step: Optional[int] = None) -> Checkpoint:  # noqa: A001 (checkpoint.open)
+    """Resolve `path` (a root, or one iteration directory) once; `step` picks an iteration
+    of the root other than the tracker's (Megatron-LM's --ckpt-step)."""
+    resolved = os.path.abspath(_resolve(path, step))
+    root = _root_of_iteration_dir(resolved)
+    tokenizer = os.path.join(root, TOKENIZER_DIR)
+    return Checkpoint(path=resolved, root=root, iteration=_iteration_of(resolved),
+                      model_config=_read_model_config(resolved),
+                      tokenizer_dir=tokenizer if os.path.isdir(tokenizer) and
+                      os.listdir(tokenizer) else None)
+
+
+def last(path: str, count: int) -> List[Checkpoint]:
+    """The last `count` complete iterations under the root of `path`, oldest first."""
+    root = _root_of_iteration_dir(path) if _is_iteration_dir(path) else path
+    found = list_iterations(root)
+    if len(found) < count:
+        raise CheckpointError(f"{root} holds {len(found)} complete iteration(s), "
+                              f"{count} asked for")
+    return [open(p) for _, p in found[-count:]]
+
+
+# ----------------------------------------------------------------------------------------
+# Saving weights (importers, converters)
+# ----------------------------------------------------------------------------------------
 
 def _copy_tokenizer(source: Optional[str], root: str) -> None:
     """Copy a tokenizer (a file, with the known tokenizer files beside it, or a folder)."""
     if not source:
         return
     folder = source if os.path.isdir(source) else os.path.dirname(os.path.abspath(source))
-    files = [os.path.join(folder, n) for n in TOKENIZER_FILES]
-    files += glob.glob(os.path.join(folder, "*.model"))
+    found = [os.path.join(folder, n) for n in TOKENIZER_FILES]
+    found += glob.glob(os.path.join(folder, "*.model"))
     if os.path.isfile(source):
-        files = [source] + [f for f in files if os.path.basename(f) in TOKENIZER_FILES[1:3]]
-    files = [f for f in dict.fromkeys(files) if os.path.isfile(f)]
-    if not files:
+        found = [source] + [f for f in found if os.path.basename(f) in TOKENIZER_FILES[1:3]]
+    found = [f for f in dict.fromkeys(found) if os.path.isfile(f)]
+    if not found:
         raise CheckpointError(f"{source}: no tokenizer files ({', '.join(TOKENIZER_FILES)})")
     target = os.path.join(root, TOKENIZER_DIR)
-    os.makedirs(target, exist_ok=True)
-    for f in files:
+    for f in found:
         name = os.path.basename(f)
         if f == source and name.endswith(".json") and name not in TOKENIZER_FILES:
             name = "tokenizer.json"  # a tokenizers file under another name
         dest = os.path.join(target, name)
         if os.path.abspath(f) != os.path.abspath(dest):
-            shutil.copyfile(f, dest + ".tmp")
-            os.replace(dest + ".tmp", dest)
-
-
-# ----------------------------------------------------------------------------------------
-# Models: load anywhere, save weights
-# ----------------------------------------------------------------------------------------
-
-def load_weights(model, path: str) -> str:
-    """Load a checkpoint's weights into `model` (built on the current TP/CP layout)."""
-    from megatron.core import dist_checkpointing
-
-    resolved = resolve(path)
-    loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, resolved)
-    model.load_state_dict(loaded["model"])
-    return resolved
-
-
-def load_model(path: str, *, tp: Optional[int] = None, cp: Optional[int] = None,
-               cpu: Optional[bool] = None, **overrides):
-    """`(model, model_config)`: the checkpoint's architecture and weights, ready for eval.
-
-    Built on the current TP/CP layout; if Megatron's parallel state is not initialised yet,
-    a single-process one (or `tp`×`cp`) is set up, on CPU when no GPU is visible.
-    `overrides` change only fields that do not touch the weights (`RUNTIME_FIELDS`).
-    """
-    from megatron.core import parallel_state
-
-    from megatron_anchor.model import build_model
-
-    config = with_runtime_fields(read_model_config(path), **overrides)
-    if parallel_state.model_parallel_is_initialized() and tp is None and cp is None:
-        runtime.decide_device(cpu)  # the caller's layout, on the device already chosen
-    else:
-        runtime.ensure_initialized(tp or 1, cp or 1, cpu=cpu)
-    # No random init: every weight is overwritten by the checkpoint's.
-    model = build_model(config, initialize=False).to(runtime.device())
-    load_weights(model, path)
-    model.eval()
-    return model, config
+            files.copy_file(f, dest)
 
 
 def save_model(model, model_config, root: str, iteration=None, *,
@@ -269,11 +321,11 @@ def save_model(model, model_config, root: str, iteration=None, *,
     runtime.barrier()
     if runtime.is_rank0():
         _copy_tokenizer(tokenizer_dir, root)
-        _write_text(os.path.join(path, MODEL_CONFIG_FILE), model_config.to_json())
+        files.write_text(os.path.join(path, MODEL_CONFIG_FILE), model_config.to_json() + "\n")
         for name, value in (extra_json or {}).items():
-            _write_text(os.path.join(path, name), json.dumps(value, indent=2))
-        _write_text(os.path.join(root, TRACKER_FILE),
-                    "release" if iteration in (None, "release") else str(int(iteration)))
+            files.write_json(os.path.join(path, name), value)
+        files.write_text(os.path.join(root, TRACKER_FILE),
+                         "release\n" if iteration in (None, "release") else f"{int(iteration)}\n")
     runtime.barrier()
     return path
 
@@ -303,10 +355,6 @@ def set_rng_state(state: dict) -> None:
     get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
 # Megatron-LM's default layout of --use-distributed-optimizer state (reshardable over DP;
 # ignored by the plain optimizer). megatron-core 0.16's own default needs flattened_range.
 OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
@@ -331,27 +379,25 @@ def save_training(root: str, iteration: int, components, train_config, train_sta
     dist_checkpointing.save(state, path)
     os.makedirs(os.path.join(path, "rng"), exist_ok=True)
     torch.save({"world_size": runtime.world_size(), "state": rng_state()},
-               os.path.join(path, "rng", f"rank_{_rank():05d}.pt"))
+               os.path.join(path, "rng", f"rank_{runtime.rank():05d}.pt"))
     runtime.barrier()
     if runtime.is_rank0():
         _copy_tokenizer(tokenizer, root)
-        _write_text(os.path.join(path, MODEL_CONFIG_FILE), train_config.model.to_json())
-        _write_text(os.path.join(path, TRAIN_CONFIG_FILE), train_config.to_json())
-        _write_text(os.path.join(path, TRAIN_STATE_FILE),
-                    json.dumps(dict(train_state, iteration=iteration), indent=2))
-        _write_text(os.path.join(root, TRACKER_FILE), str(iteration))
+        files.write_text(os.path.join(path, MODEL_CONFIG_FILE), train_config.model.to_json() + "\n")
+        files.write_text(os.path.join(path, TRAIN_CONFIG_FILE), train_config.to_json() + "\n")
+        files.write_json(os.path.join(path, TRAIN_STATE_FILE),
+                         dict(train_state, iteration=iteration))
+        files.write_text(os.path.join(root, TRACKER_FILE), f"{iteration}\n")
     runtime.barrier()
     return path
 
 
-def load_training(path: str, components) -> Tuple[int, dict]:
+def load_training(ckpt: Checkpoint, components) -> Tuple[int, dict]:
     """Restore model, optimizer, scheduler and RNG; returns (iteration, train_state)."""
     from megatron.core import dist_checkpointing
 
-    resolved = resolve(path)
-    state_file = os.path.join(resolved, TRAIN_STATE_FILE)
-    if not os.path.isfile(state_file):
-        raise CheckpointError(f"{resolved} holds model weights only (no {TRAIN_STATE_FILE}): "
+    if not ckpt.has_training_state:
+        raise CheckpointError(f"{ckpt.path} holds model weights only (no {TRAIN_STATE_FILE}): "
                               "start from it with --pretrained-checkpoint, not --load")
     model_sd = components.module.sharded_state_dict()
     template = {
@@ -359,13 +405,12 @@ def load_training(path: str, components) -> Tuple[int, dict]:
         "optimizer": components.optimizer.sharded_state_dict(model_sd, is_loading=True,
                                                              metadata=OPTIM_METADATA),
     }
-    loaded = dist_checkpointing.load(template, resolved)
+    loaded = dist_checkpointing.load(template, ckpt.path)
     components.module.load_state_dict(loaded["model"])
     components.optimizer.load_state_dict(loaded["optimizer"])
     components.scheduler.load_state_dict(loaded["scheduler"])
-    with open(state_file, encoding="utf-8") as f:
-        train_state = json.load(f)
-    rng_file = os.path.join(resolved, "rng", f"rank_{_rank():05d}.pt")
+    train_state = ckpt.json_file(TRAIN_STATE_FILE)
+    rng_file = os.path.join(ckpt.path, "rng", f"rank_{runtime.rank():05d}.pt")
     if os.path.isfile(rng_file):
         saved = torch.load(rng_file, weights_only=False)
         if saved["world_size"] == runtime.world_size():

@@ -40,8 +40,10 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from megatron_anchor.errors import UserError
 
-class LayoutError(ValueError):
+
+class LayoutError(UserError):
     """Arguments that cannot make a packed window; the message says what to change."""
 
 

@@ -19,12 +19,13 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_anchor.errors import UserError
 from megatron_anchor import backends, runtime
 from megatron_anchor.layout import PackedBatch
 from megatron_anchor.spec import get_anchor_layer_spec
 
 
-class ModelLayoutError(ValueError):
+class ModelLayoutError(UserError):
     """An architecture that cannot be split over the requested TP/CP layout."""
 
 

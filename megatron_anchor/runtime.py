@@ -24,8 +24,10 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megatron_anchor.errors import UserError
 
-class ParallelLayoutError(ValueError):
+
+class ParallelLayoutError(UserError):
     """A world size or parallel layout that cannot be set up; the message says what to run."""
 
 
@@ -37,7 +39,7 @@ _ANNOUNCED = False
 def _announce() -> None:
     """One line, once per process, on rank 0, when the process groups are set up on CPU."""
     global _ANNOUNCED
-    if _CPU and not _ANNOUNCED and _rank_from_env() == 0:
+    if _CPU and not _ANNOUNCED and rank() == 0:
         print(f"megatron-anchor: running on CPU ({_WHY}): gloo process groups, Megatron-Core's "
               "PyTorch fallbacks for Transformer Engine/Apex kernels", file=sys.stderr,
               flush=True)
@@ -77,10 +79,6 @@ def device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
-def _rank_from_env() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
 @dataclass(frozen=True)
 class Runtime:
     """Where this process runs and its place in Megatron's parallel groups."""
@@ -114,6 +112,13 @@ def _default_env() -> None:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:
         os.environ["MASTER_PORT"] = str(free_port())
+
+
+def rank() -> int:
+    """This process's global rank: torch.distributed's once it is set up, else the
+    launcher's RANK (torchrun, srun), else 0. Usable before any process group exists
+    (one-line errors are printed by rank 0 only)."""
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
 
 
 def world_size() -> int:
@@ -188,7 +193,7 @@ def current() -> Runtime:
 
     return Runtime(
         cpu=is_cpu(),
-        rank=dist.get_rank() if dist.is_initialized() else 0,
+        rank=rank(),
         world_size=world_size(),
         tp=parallel_state.get_tensor_model_parallel_world_size(),
         cp=parallel_state.get_context_parallel_world_size(),
@@ -221,7 +226,7 @@ def destroy() -> None:
 
 
 def is_rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
+    return rank() == 0
 
 
 def barrier() -> None:

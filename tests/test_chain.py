@@ -95,8 +95,10 @@ def test_rope_diagnostic_on_the_trained_checkpoint(journey):
           "--data-path", journey["data"], "--quick", "--no-progress",
           "--output-dir", out, "--json", summary])
     result = json.loads(summary.read_text())
-    # it measured our checkpoint (its architecture), not the default SmolLM2
-    assert result["model"] == f"Megatron checkpoint {journey['save']}"
+    # it measured our checkpoint (its architecture, the tracker's iteration), not SmolLM2
+    from megatron_anchor import checkpoint
+
+    assert result["model"] == f"Megatron checkpoint {checkpoint.open(journey['save']).path}"
     assert result["config"]["hidden_size"] == 64 and result["config"]["num_layers"] == 2
     assert result["shift_sweep"]
 

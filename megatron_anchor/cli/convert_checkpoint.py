@@ -14,8 +14,7 @@ import re
 import sys
 from typing import List, Optional
 
-from megatron_anchor.cli.common import run_tool
-from megatron_anchor.cli.parsing import ToolParser
+from megatron_anchor.tooling import ToolParser, run_tool
 
 PROG = "megatron-anchor-convert"
 
@@ -80,6 +79,8 @@ def build_parser() -> ToolParser:
                          "as rope_theta and in rope_parameters, trained "
                          "max_position_embeddings) and the tokenizer files.")
     exp.add_argument("--load", required=True, help="checkpoint root or iteration directory")
+    exp.add_argument("--ckpt-step", type=int, default=None, metavar="N",
+                     help="export iteration N of the root instead of the tracker's")
     exp.add_argument("--output", required=True, help="Hugging Face directory to write")
     exp.add_argument("--hf-config", default=None, metavar="DIR",
                      help="directory whose config.json to start from (token ids, names); "
@@ -111,7 +112,7 @@ def _progress(args, what: str):
 
 def _main(argv: Optional[List[str]]) -> int:
     args = build_parser().parse_args(argv)
-    from megatron_anchor import convert
+    from megatron_anchor import checkpoint, convert
 
     update, bar = _progress(args, args.command)
     try:
@@ -121,7 +122,8 @@ def _main(argv: Optional[List[str]]) -> int:
                 seq_length=args.seq_length, progress=update)
         else:
             summary = convert.export_checkpoint(
-                args.load, args.output, hf_config_dir=args.hf_config, dtype=args.dtype,
+                checkpoint.open(args.load, step=args.ckpt_step), args.output,
+                hf_config_dir=args.hf_config, dtype=args.dtype,
                 max_shard_bytes=args.max_shard_size, progress=update)
     finally:
         if bar is not None:

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from typing import List, Optional
 
 import numpy as np
 
-from megatron_anchor.cli.common import run_tool
-from megatron_anchor.cli.parsing import ToolParser
+from megatron_anchor import files
+from megatron_anchor.tooling import ToolParser, run_tool
 
 PROG = "megatron-anchor-dataset-stats"
 
@@ -77,11 +76,9 @@ def save_histogram(stats: dict, lengths: np.ndarray, path: str) -> None:
     ax.set_title(f"{stats['documents']:,} documents, {stats['tokens']:,} tokens")
     ax.legend()
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    fig.savefig(tmp, dpi=100)
+    with files.atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def format_statistics(stats: dict) -> str:

@@ -12,15 +12,15 @@ file, the PNGs and the exit status (0 done, 2 bad arguments).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from dataclasses import asdict
 from typing import List, Optional
 
 from megatron_anchor.backends import BACKEND_NAMES
-from megatron_anchor.cli.common import run_tool
-from megatron_anchor.cli.parsing import HelpFormatter, ToolParser, UsageError
+from megatron_anchor import files
+from megatron_anchor.errors import UsageError
+from megatron_anchor.tooling import HelpFormatter, ToolParser, flag_given, run_tool
 from megatron_anchor.evaluation.tasks import EvaluationError
 
 PROG = "megatron-anchor-eval"
@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--last-checkpoints", type=int, default=None, metavar="K",
                       help="evaluate the last K saved iterations under the root and report "
                            "mean and spread per task and length (the paper averages 5)")
+    load.add_argument("--ckpt-step", type=int, default=None, metavar="N",
+                      help="evaluate iteration N of the root instead of the tracker's")
     load.add_argument("--tokenizer-model", default=None,
                       help="tokenizer.json (or a folder holding one); default: the tokenizer "
                            "saved with the checkpoint (ROOT/tokenizer/)")
@@ -108,14 +110,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def is_rank0() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def _given(argv: List[str], flag: str) -> bool:
-    return any(a == flag or a.startswith(flag + "=") for a in argv)
-
-
 def _parse_lengths(text: str) -> tuple:
     out = []
     for part in text.split(","):
@@ -136,7 +130,7 @@ def config_from_args(args, argv: List[str]):
 
     if args.quick:
         for name, value in QUICK.items():
-            if not _given(argv, "--" + name):
+            if not flag_given(argv, "--" + name):
                 setattr(args, name, value)
     try:
         depths = tuple(float(d) for d in str(args.depths).split(",") if d.strip())
@@ -150,21 +144,18 @@ def config_from_args(args, argv: List[str]):
         tokens_per_batch=args.tokens_per_batch, max_new_tokens=args.max_new_tokens).validate()
 
 
-def _checkpoints(load: str, last: Optional[int]) -> List[tuple]:
-    """(label, iteration dir) pairs to evaluate, oldest first."""
+def _checkpoints(args) -> list:
+    """The checkpoints to evaluate (`checkpoint.Checkpoint`s), oldest first."""
     from megatron_anchor import checkpoint
 
-    if last is None:
-        path = checkpoint.resolve(load)
-        return [(os.path.basename(os.path.normpath(path)), path)]
-    if last < 1:
-        raise EvaluationError(f"--last-checkpoints must be >= 1, got {last}")
-    root = checkpoint.root_of(load)
-    found = checkpoint.list_iterations(root)
-    if len(found) < last:
-        raise EvaluationError(f"--last-checkpoints {last}: {root} holds {len(found)} complete "
-                              "iteration(s)")
-    return [(f"iter_{it:07d}", path) for it, path in found[-last:]]
+    if args.last_checkpoints is None:
+        return [checkpoint.open(args.load, step=args.ckpt_step)]
+    if args.ckpt_step is not None:
+        raise EvaluationError("--ckpt-step picks one iteration; --last-checkpoints K the last "
+                              "K: give one of them")
+    if args.last_checkpoints < 1:
+        raise EvaluationError(f"--last-checkpoints must be >= 1, got {args.last_checkpoints}")
+    return checkpoint.last(args.load, args.last_checkpoints)
 
 
 def _format_table(result, controls: bool) -> str:
@@ -202,15 +193,6 @@ def _precision(model_config) -> str:
     return "bf16" if model_config.bf16 else "fp32"
 
 
-def _write_json(path: str, payload: dict) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, path)
-
-
 def write_plots(results, averaged, plot_dir: str) -> List[str]:
     """accuracy_vs_length.png, and niah_depth_<task>.png per task with needle depths."""
     import matplotlib
@@ -226,9 +208,9 @@ def write_plots(results, averaged, plot_dir: str) -> List[str]:
 
     def save(fig, name):
         path = os.path.join(plot_dir, name)
-        fig.savefig(path + ".tmp.png", dpi=110, bbox_inches="tight")
+        with files.atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=110, bbox_inches="tight")
         plt.close(fig)
-        os.replace(path + ".tmp.png", path)
         written.append(path)
 
     tasks = list(dict.fromkeys(c.task for c in results[0].cells))
@@ -293,18 +275,18 @@ def _main(argv: Optional[List[str]]) -> int:
 def _run(args, argv) -> int:
     import time
 
-    from megatron_anchor import checkpoint, runtime
+    from megatron_anchor import runtime
     from megatron_anchor.evaluation.runner import average_checkpoints, evaluate
     from megatron_anchor.evaluation.tokenizer import EvalTokenizer
 
     config = config_from_args(args, argv)
-    targets = _checkpoints(args.load, args.last_checkpoints)
-    tok_path = args.tokenizer_model or checkpoint.tokenizer_dir(targets[-1][1])
+    targets = _checkpoints(args)
+    tok_path = args.tokenizer_model or targets[-1].tokenizer_dir
     if tok_path is None:
         raise EvaluationError(f"{args.load}: no tokenizer saved with the checkpoint "
                               "(ROOT/tokenizer/); pass --tokenizer-model")
     tokenizer = EvalTokenizer(tok_path, bos_token_id=args.anchor_token_id)
-    saved = checkpoint.read_model_config(targets[0][1])
+    saved = targets[0].model_config
     if tokenizer.vocab_size > saved.padded_vocab_size:
         raise EvaluationError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model "
                               f"only {saved.padded_vocab_size}: wrong --tokenizer-model?")
@@ -316,21 +298,22 @@ def _run(args, argv) -> int:
         overrides["attention_backend"] = args.attention_backend
     if args.bf16 or args.fp32:
         overrides["bf16"] = args.bf16
-    rank0 = is_rank0()
+    rank0 = runtime.is_rank0()
     results = []
     progress_bar = None
     try:
-        model, model_config = checkpoint.load_model(
-            targets[0][1], tp=args.tensor_model_parallel_size, cp=args.context_parallel_size,
-            cpu=True if args.cpu else None, **overrides)
+        model_config = targets[0].architecture(**overrides)
+        model = targets[0].load_model(
+            model_config, tp=args.tensor_model_parallel_size, cp=args.context_parallel_size,
+            cpu=True if args.cpu else None)
         vocab_size = min(model_config.vocab_size, model_config.padded_vocab_size)
-        for k, (label, path) in enumerate(targets):
+        for k, ckpt in enumerate(targets):
+            label, path = ckpt.name, ckpt.path
             if k > 0:
-                other = checkpoint.read_model_config(path)
-                if asdict(other) != asdict(saved):
+                if asdict(ckpt.model_config) != asdict(saved):
                     raise EvaluationError(f"{path}: a different architecture than "
-                                          f"{targets[0][1]}; --last-checkpoints needs one run")
-                checkpoint.load_weights(model, path)
+                                          f"{targets[0].path}; --last-checkpoints needs one run")
+                ckpt.load_weights(model)
             if rank0 and not args.no_progress:
                 from tqdm import tqdm
 
@@ -359,9 +342,9 @@ def _run(args, argv) -> int:
             print(f"\naveraged over the last {len(results)} checkpoints (score %)")
             print(_format_average(averaged), flush=True)
         if rank0 and args.json:
-            _write_json(args.json, {
+            files.write_json(args.json, {
                 "command": [PROG] + argv,
-                "checkpoints": [{"label": l, "path": p} for l, p in targets],
+                "checkpoints": [{"label": c.name, "path": c.path} for c in targets],
                 "tokenizer": tokenizer.path, "anchor_token_id": tokenizer.bos,
                 "precision": _precision(model_config),
                 "tensor_model_parallel_size": args.tensor_model_parallel_size,

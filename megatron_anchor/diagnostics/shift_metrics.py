@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_anchor.attention.reference import segment_causal_visibility
-from megatron_anchor.diagnostics.reference_llama import (
+from megatron_anchor.convert.reference_llama import (
     LayerAttentionInputs, attention_scores, causal_block_mask, expand_kv_heads, weighted_values,
 )
 

@@ -29,7 +29,7 @@ def load_hf_smollm2(gguf_path=None):
 
     from transformers import AutoModelForCausalLM
 
-    from megatron_anchor.diagnostics.smollm2 import find_gguf_path
+    from megatron_anchor.convert.gguf import find_gguf_path
 
     path = Path(gguf_path) if gguf_path else find_gguf_path()
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,

@@ -32,10 +32,11 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Protocol, Sequence, Tuple
 
+from megatron_anchor.errors import UserError
 from megatron_anchor.evaluation import words as wordlists
 
 
-class EvaluationError(ValueError):
+class EvaluationError(UserError):
     """A task, length or option that cannot be evaluated; the message says what to change."""
 
 

@@ -1,6 +1,6 @@
 """The model's own tokenizer for evaluation: encode pieces, decode generations, find the BOS.
 
-The anchor (BOS) is chosen with the trainer's rule (`megatron_anchor.training.data`): the
+The anchor (BOS) is chosen with the trainer's rule (`data.tokenizer.anchor_token_id`): the
 tokenizer's BOS, else its end-of-document token.
 """
 
@@ -19,7 +19,7 @@ class EvalTokenizer:
         from tokenizers import Tokenizer
 
         from megatron_anchor.data.indexed import DatasetError
-        from megatron_anchor.data.tokenizer import HuggingFaceTokenizer
+        from megatron_anchor.data.tokenizer import HuggingFaceTokenizer, anchor_token_id
 
         json_path = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
         if not os.path.isfile(json_path):
@@ -33,8 +33,7 @@ class EvalTokenizer:
         self._tok = Tokenizer.from_file(json_path)
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.eod = info.eod
-        self.bos = bos_token_id if bos_token_id is not None else (
-            info.bos if info.bos is not None else info.eod)
+        self.bos = bos_token_id if bos_token_id is not None else anchor_token_id(info)
         if not 0 <= self.bos < self.vocab_size:
             raise EvaluationError(f"anchor/BOS token id {self.bos} is outside the tokenizer's "
                                   f"vocabulary of {self.vocab_size}")

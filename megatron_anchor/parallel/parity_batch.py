@@ -12,8 +12,10 @@ from typing import Callable
 
 import numpy as np
 
+from megatron_anchor.errors import UserError
 
-class ParityError(ValueError):
+
+class ParityError(UserError):
     """A parity run that cannot be set up as asked (the message names the flag)."""
 
 

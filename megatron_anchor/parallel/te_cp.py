@@ -20,10 +20,12 @@ from __future__ import annotations
 
 from typing import Optional
 
+from megatron_anchor.errors import UserError
+
 CP_COMM_TYPES = ("p2p", "a2a", "all_gather", "a2a+p2p")
 
 
-class TEVersionError(ValueError):
+class TEVersionError(UserError):
     """A CP communication type the installed Transformer Engine cannot run on THD batches."""
 
 # Oldest Transformer Engine whose CP implementation accepts qkv_format="thd".

@@ -56,14 +56,12 @@ from megatron_anchor.parallel.layouts import (
 DTYPES = ("fp32", "bf16")
 
 
-
-
 @dataclass
 class ParityConfig:
     """What to compare, where, on which model and batch (the CLI builds it from flags)."""
 
     layouts: List[Layout]
-    model: object                       # ModelConfig: the checkpoint's with `load`
+    model: object                       # ModelConfig: the checkpoint's with `checkpoint`
     variants: List[str] = field(default_factory=lambda: ["anchor", "full"])
     dtypes: List[str] = field(default_factory=lambda: ["fp32", "bf16"])
     fp32_rtol: float = 1e-5
@@ -73,7 +71,7 @@ class ParityConfig:
     attention_backend: str = "local"
     cp_comm_type: str = "p2p"
     sequence_parallel: bool = False
-    load: Optional[str] = None
+    checkpoint: Optional[object] = None  # checkpoint.Checkpoint: the weights (else --seed)
     seed: int = 1234
     seq_length: int = 4096
     data_path: Optional[List[str]] = None
@@ -84,35 +82,34 @@ class ParityConfig:
     debug_wrong_cp_chunks: bool = False
     argv: List[str] = field(default_factory=list)
 
+    def __post_init__(self):
+        """Every rule checked once, by the module that owns it, before any process group
+        exists: a ParityConfig is valid by construction."""
+        from megatron_anchor import backends
+        from megatron_anchor.layout import check_seq_length, get_variant
+        from megatron_anchor.model import check_parallel_layout
 
-def validate(config: ParityConfig) -> ParityConfig:
-    """Every rule checked by the module that owns it, before any process group exists."""
-    from megatron_anchor import backends
-    from megatron_anchor.layout import check_seq_length, get_variant
-    from megatron_anchor.model import check_parallel_layout
-
-    if len(config.layouts) < 2:
-        raise ParityError("give at least two layouts to compare, e.g. --layouts tp1cp1,tp2cp1")
-    for variant in config.variants:
-        get_variant(variant)
-    bad = [d for d in config.dtypes if d not in DTYPES]
-    if bad or not config.dtypes:
-        raise ParityError(f"bad --dtypes {','.join(config.dtypes)}: choose from "
-                          f"{', '.join(DTYPES)}")
-    parse_length_distribution(config.doc_length_dist)
-    cp_multiple = common_cp_multiple(config.layouts)
-    check_seq_length(config.seq_length, cp_multiple)
-    if config.debug_wrong_cp_chunks and cp_multiple == 1:
-        raise ParityError("--debug-wrong-cp-chunks needs a layout with CP > 1")
-    m = config.model
-    for layout in config.layouts:
-        check_parallel_layout(m, layout.tp)
-        backends.validate(config.attention_backend, cpu=bool(config.cpu), tp=layout.tp,
-                          cp=layout.cp, sequence_parallel=config.sequence_parallel,
-                          cp_comm_type=config.cp_comm_type,
-                          num_attention_heads=m.num_attention_heads,
-                          num_query_groups=m.num_query_groups)
-    return config
+        if len(self.layouts) < 2:
+            raise ParityError("give at least two layouts to compare, e.g. --layouts tp1cp1,tp2cp1")
+        for variant in self.variants:
+            get_variant(variant)
+        bad = [d for d in self.dtypes if d not in DTYPES]
+        if bad or not self.dtypes:
+            raise ParityError(f"bad --dtypes {','.join(self.dtypes)}: choose from "
+                              f"{', '.join(DTYPES)}")
+        parse_length_distribution(self.doc_length_dist)
+        cp_multiple = common_cp_multiple(self.layouts)
+        check_seq_length(self.seq_length, cp_multiple)
+        if self.debug_wrong_cp_chunks and cp_multiple == 1:
+            raise ParityError("--debug-wrong-cp-chunks needs a layout with CP > 1")
+        m = self.model
+        for layout in self.layouts:
+            check_parallel_layout(m, layout.tp)
+            backends.validate(self.attention_backend, cpu=bool(self.cpu), tp=layout.tp,
+                              cp=layout.cp, sequence_parallel=self.sequence_parallel,
+                              cp_comm_type=self.cp_comm_type,
+                              num_attention_heads=m.num_attention_heads,
+                              num_query_groups=m.num_query_groups)
 
 
 # ----------------------------------------------------------------------------------------
@@ -154,11 +151,9 @@ def layout_model(args, dtype: str, weights: Optional[dict]):
     from megatron_anchor.model import build_model
     from megatron_anchor.parallel.sharding import load_full_state_dict
 
-    from megatron_anchor import checkpoint
-
     model = build_model(model_config(args, dtype)).to(runtime.device())
-    if args.load:
-        checkpoint.load_weights(model, args.load)
+    if args.checkpoint:
+        args.checkpoint.load_weights(model)
     else:
         load_full_state_dict(model, weights)
     model.eval()  # no dropout anywhere; eval() documents that nothing is random
@@ -275,12 +270,11 @@ def _log(message: str) -> None:
 
 def run(args: ParityConfig) -> dict:
     """Run the check over the current world; returns the report (complete on rank 0)."""
-    validate(args)
     layouts = args.layouts
     args.cpu = runtime.decide_device(args.cpu)
     use_layout(Layout(1, 1), args.cpu, args.seed)
     check_world_size(layouts, dist.get_world_size())
-    weights = None if args.load else seeded_full_weights(args)
+    weights = None if args.checkpoint else seeded_full_weights(args)
     cp_multiple = common_cp_multiple(layouts)
     batches = {v: make_batch(args, v, cp_multiple) for v in args.variants}
 
@@ -299,7 +293,7 @@ def run(args: ParityConfig) -> dict:
         "cp_comm_type": args.cp_comm_type if args.attention_backend == "te" else "kv_all_gather",
         "tolerances": {"fp32": args.fp32_rtol, "bf16": args.bf16_tol},
         "model": dataclasses.asdict(args.model),
-        "load": args.load,
+        "load": args.checkpoint.path if args.checkpoint else None,
         "batches": {v: batch_summary(b) for v, b in batches.items()},
         "rows": _ordered(rows, args),
     }

@@ -7,7 +7,6 @@ scripts read the same. Plugin-specific flags are grouped under "AnchorAttention"
 from __future__ import annotations
 
 import argparse
-import functools
 from typing import List, Optional
 
 from megatron_anchor.training.config import (
@@ -24,44 +23,25 @@ from megatron_anchor.backends import BACKEND_NAMES
 from megatron_anchor.data.tokenizer import TOKENIZER_TYPES
 from megatron_anchor.layout import VARIANTS
 from megatron_anchor.parallel.te_cp import CP_COMM_TYPES
-
-
-# Architecture flags: (flag, type, default without a checkpoint, help). Their parsed
-# default is None so that a flag the user gave can be told from one left out.
-MODEL_FLAGS = (
-    ("--num-layers", int, 2, "transformer layers"),
-    ("--hidden-size", int, 256, "model width"),
-    ("--ffn-hidden-size", int, None, "SwiGLU inner width (None: 8/3 x hidden, rounded up to 64)"),
-    ("--num-attention-heads", int, 4, "query heads"),
-    ("--num-query-groups", int, None, "key/value heads for grouped-query attention (None: = heads)"),
-    ("--rotary-base", float, 10000.0, "RoPE base (paper: 1e6 at 16K, 5e6 at 64K, 1e7 at 128K)"),
-    ("--norm-epsilon", float, 1e-5, "RMSNorm epsilon"),
-    ("--init-method-std", float, 0.02, "weight init std"),
-    ("--make-vocab-size-divisible-by", int, 128,
-     "pad the vocabulary to a multiple of this (independent of TP)"),
-    ("--vocab-size", int, None, "vocabulary size (None: the tokenizer's); NullTokenizer: its ids"),
+from megatron_anchor.tooling import (
+    ToolParser,
+    add_architecture_flags,
+    architecture_flags_given,
+    architecture_from_flags,
 )
 
 
-def model_flags_given(args: argparse.Namespace) -> dict:
-    """ModelConfig field -> value, for the architecture flags given on the command line."""
-    given = {}
-    for flag, _, _, _ in MODEL_FLAGS:
-        name = flag[2:].replace("-", "_")
-        if getattr(args, name) is not None:
-            given[name] = getattr(args, name)
-    return given
-
-
-def _model_flag(args: argparse.Namespace, flag: str):
-    name = flag[2:].replace("-", "_")
-    value = getattr(args, name)
-    return value if value is not None else next(d for f, _, d, _ in MODEL_FLAGS if f == flag)
+# The trainer's architecture flags and their defaults without a checkpoint (None for the
+# vocabulary: the tokenizer's).
+ARCHITECTURE_DEFAULTS = {
+    "--num-layers": 2, "--hidden-size": 256, "--ffn-hidden-size": None,
+    "--num-attention-heads": 4, "--num-query-groups": None, "--rotary-base": 10000.0,
+    "--norm-epsilon": 1e-5, "--init-method-std": 0.02, "--make-vocab-size-divisible-by": 128,
+    "--vocab-size": None,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from megatron_anchor.cli.parsing import ToolParser
-
     parser = ToolParser(
         prog="megatron-anchor-pretrain",
         description="Long-context (continued) pretraining of a Llama-style Megatron-Core GPT "
@@ -100,8 +80,7 @@ def _model_args(parser):
         "model (Llama-style: RMSNorm, SwiGLU, RoPE, GQA). With --load or "
         "--pretrained-checkpoint the architecture is the checkpoint's: these flags may be "
         "left out, and one that contradicts it is an error")
-    for flag, kind, default, text in MODEL_FLAGS:
-        g.add_argument(flag, type=kind, default=None, help=f"{text} (default: {default})")
+    add_architecture_flags(g, ARCHITECTURE_DEFAULTS)
 
 
 def _data_args(parser):
@@ -158,6 +137,9 @@ def _checkpoint_and_logging_args(parser):
     g.add_argument("--load", default=None,
                    help="resume from the latest checkpoint in this directory (exact: model, "
                         "optimizer, LR schedule, data position, RNG)")
+    g.add_argument("--ckpt-step", type=int, default=None, metavar="N",
+                   help="resume --load from iteration N instead of the one its "
+                        "latest_checkpointed_iteration.txt names (e.g. an older, undamaged one)")
     g.add_argument("--pretrained-checkpoint", default=None,
                    help="start from these model weights (a Megatron dist checkpoint, e.g. a "
                         "converted Hugging Face model) when --load has no checkpoint yet")
@@ -240,20 +222,12 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """A validated TrainConfig; tokenizer ids are resolved later (`data.resolve_tokens`)."""
     from megatron_anchor.model import ModelConfig
 
-    m = functools.partial(_model_flag, args)
+    architecture = architecture_from_flags(args, ARCHITECTURE_DEFAULTS)
+    architecture["vocab_size"] = architecture["vocab_size"] or 0
     model = ModelConfig(
-        num_layers=m("--num-layers"),
-        hidden_size=m("--hidden-size"),
-        num_attention_heads=m("--num-attention-heads"),
-        num_query_groups=m("--num-query-groups"),
-        ffn_hidden_size=m("--ffn-hidden-size"),
-        vocab_size=m("--vocab-size") or 0,
-        make_vocab_size_divisible_by=m("--make-vocab-size-divisible-by"),
+        **architecture,
         max_sequence_length=max(args.seq_length, 1),
-        rotary_base=m("--rotary-base"),
         rope_fp32=not args.rope_bf16,
-        norm_epsilon=m("--norm-epsilon"),
-        init_method_std=m("--init-method-std"),
         attention_backend=args.attention_backend,
         bf16=args.bf16,
         sequence_parallel=args.sequence_parallel,
@@ -288,11 +262,13 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             weight_decay=args.weight_decay, adam_beta1=args.adam_beta1,
             adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, clip_grad=args.clip_grad,
             train_iters=args.train_iters),
-        checkpoint=CheckpointConfig(args.save, args.load, args.save_interval,
-                                    args.pretrained_checkpoint, args.exit_interval),
+        checkpoint=CheckpointConfig(save=args.save, load=args.load,
+                                    save_interval=args.save_interval,
+                                    pretrained_checkpoint=args.pretrained_checkpoint,
+                                    exit_interval=args.exit_interval, ckpt_step=args.ckpt_step),
         logging=LoggingConfig(args.log_interval, args.eval_interval, args.eval_iters,
                               args.tensorboard_dir, not args.no_progress_bar,
                               peak_tflops=args.peak_tflops),
         seed=args.seed,
-        model_flags_given=model_flags_given(args),
+        model_flags_given=architecture_flags_given(args, ARCHITECTURE_DEFAULTS),
     )

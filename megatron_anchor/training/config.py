@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
+from megatron_anchor.errors import UserError
 from megatron_anchor import backends, layout, runtime
 from megatron_anchor.model import ModelConfig
 
@@ -21,7 +22,7 @@ RECOMPUTE_METHODS = ("uniform", "block")
 RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm")  # Megatron's, for a dense model
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A bad combination of flags; the message names what to change."""
 
 
@@ -82,6 +83,7 @@ class CheckpointConfig:
     save_interval: Optional[int] = None    # None: save once, at the end (if --save)
     pretrained_checkpoint: Optional[str] = None  # model weights only, when not resuming
     exit_interval: Optional[int] = None    # stop (after saving) when iteration % N == 0
+    ckpt_step: Optional[int] = None        # --load this iteration instead of the tracker's
 
 
 @dataclass

@@ -10,10 +10,10 @@ else, and the windows do not depend on the number of ranks.
 
 from __future__ import annotations
 
-import argparse
 import os
 from typing import List, Optional
 
+from megatron_anchor.data.tokenizer import TokenizerConfig, anchor_token_id, build_tokenizer
 from megatron_anchor.layout import PackedBatch, collate, shard_for_cp
 from megatron_anchor.training.config import ConfigError, TrainConfig
 
@@ -30,13 +30,10 @@ def load_tokenizer(cfg: TrainConfig):
     d = cfg.data
     if not d.tokenizer_type:
         return None
-    from megatron_anchor.data.tokenizer import build_tokenizer
-
-    namespace = argparse.Namespace(
+    return build_tokenizer(TokenizerConfig(
         tokenizer_type=d.tokenizer_type, tokenizer_model=d.tokenizer_model,
         vocab_file=d.vocab_file, merge_file=d.merge_file,
-        vocab_size=cfg.model.vocab_size or None, eod_token=None)
-    return build_tokenizer(namespace)
+        vocab_size=cfg.model.vocab_size or None))
 
 
 def _named_token_id(tokenizer, names) -> Optional[int]:
@@ -55,7 +52,7 @@ def resolve_tokens(cfg: TrainConfig, tokenizer) -> TrainConfig:
         if not m.vocab_size:
             m.vocab_size = int(tokenizer.vocab_size)
         if d.anchor_token_id is None:
-            d.anchor_token_id = int(tokenizer.bos if tokenizer.bos is not None else tokenizer.eod)
+            d.anchor_token_id = anchor_token_id(tokenizer)
         if d.pad_token_id < 0:
             pad = _named_token_id(tokenizer, PAD_TOKEN_NAMES)
             d.pad_token_id = int(pad if pad is not None else tokenizer.eod)

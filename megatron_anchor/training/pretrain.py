@@ -34,7 +34,8 @@ def run_config(cfg):
 
     p = cfg.parallel
     p.cpu = runtime.decide_device(True if p.cpu else None)
-    take_architecture_from_checkpoint(cfg)
+    resume, pretrained = open_start_checkpoints(cfg)
+    take_architecture_from_checkpoint(cfg, resume or pretrained)
     tokenizer = data.load_tokenizer(cfg)
     data.resolve_tokens(cfg, tokenizer)
     cfg.validate()
@@ -50,15 +51,14 @@ def run_config(cfg):
         components = build_training_components(cfg)
 
         start = 0
-        if checkpoint.exists(cfg.checkpoint.load):
-            start, _ = checkpoint.load_training(cfg.checkpoint.load, components)
-        elif cfg.checkpoint.pretrained_checkpoint:
-            loaded = checkpoint.load_weights(components.module,
-                                             cfg.checkpoint.pretrained_checkpoint)
+        if resume is not None:
+            start, _ = checkpoint.load_training(resume, components)
+        elif pretrained is not None:
+            pretrained.load_weights(components.module)
             # --bf16 keeps FP32 main copies, made when the optimizer was built: refresh them.
             components.optimizer.reload_model_params()
             if rank0:
-                print(f"starting from the weights of {loaded}", flush=True)
+                print(f"starting from the weights of {pretrained.path}", flush=True)
         elif cfg.checkpoint.load and rank0:
             print(f"--load {cfg.checkpoint.load}: no checkpoint yet, starting from scratch",
                   flush=True)
@@ -93,7 +93,20 @@ def run_config(cfg):
             runtime.destroy()
 
 
-def take_architecture_from_checkpoint(cfg) -> None:
+def open_start_checkpoints(cfg):
+    """(the checkpoint to resume, the one to start from): --load when it holds one (the
+    tracker's iteration, or --ckpt-step), else --pretrained-checkpoint; opened once."""
+    from megatron_anchor import checkpoint
+
+    c = cfg.checkpoint
+    if checkpoint.exists(c.load) or (c.load and c.ckpt_step is not None):
+        return checkpoint.open(c.load, step=c.ckpt_step), None
+    if c.pretrained_checkpoint:
+        return None, checkpoint.open(c.pretrained_checkpoint)
+    return None, None
+
+
+def take_architecture_from_checkpoint(cfg, source) -> None:
     """With a checkpoint to start from, the architecture is the checkpoint's.
 
     Architecture flags the user gave must agree with it (a one-line error otherwise); the
@@ -101,15 +114,11 @@ def take_architecture_from_checkpoint(cfg) -> None:
     """
     from megatron_anchor import checkpoint
 
-    c = cfg.checkpoint
-    source = c.load if checkpoint.exists(c.load) else c.pretrained_checkpoint
-    if not source:
+    if source is None:
         return
-    saved = checkpoint.read_model_config(source)
-    checkpoint.check_flags_match(saved, cfg.model_flags_given, source)
     m = cfg.model
-    cfg.model = checkpoint.with_runtime_fields(
-        saved, **{name: getattr(m, name) for name in checkpoint.RUNTIME_FIELDS})
+    cfg.model = source.architecture(
+        cfg.model_flags_given, **{name: getattr(m, name) for name in checkpoint.RUNTIME_FIELDS})
 
 
 def _initialize(cfg) -> bool:
@@ -189,7 +198,7 @@ def _print_summary(summary) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from megatron_anchor.cli.common import run_tool
+    from megatron_anchor.tooling import run_tool
 
     def body(args):
         run(args)

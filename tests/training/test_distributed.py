@@ -22,9 +22,9 @@ def _tp2_logits(rank, world_size, checkpoint, batch):
 
     from megatron_anchor import runtime
     from megatron_anchor.model import forward_packed
-    from megatron_anchor.checkpoint import load_model
+    from megatron_anchor.checkpoint import open as open_checkpoint
 
-    model, _ = load_model(checkpoint, tp=2, cp=1, cpu=True)
+    model = open_checkpoint(checkpoint).load_model(tp=2, cp=1, cpu=True)
     assert parallel_state.get_tensor_model_parallel_world_size() == 2
     with torch.no_grad():
         logits, _ = forward_packed(model, batch)
@@ -54,9 +54,9 @@ def test_tp2_training_matches_tp1_and_tp1_checkpoint_loads_at_tp2(byte_corpus, t
 def _tp1_logits(rank, world_size, checkpoint, batch):
     from megatron_anchor import runtime
     from megatron_anchor.model import forward_packed
-    from megatron_anchor.checkpoint import load_model
+    from megatron_anchor.checkpoint import open as open_checkpoint
 
-    model, _ = load_model(checkpoint, tp=1, cp=1, cpu=True)
+    model = open_checkpoint(checkpoint).load_model(tp=1, cp=1, cpu=True)
     with torch.no_grad():
         logits, _ = forward_packed(model, batch)
     runtime.destroy()

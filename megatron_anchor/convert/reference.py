@@ -25,7 +25,7 @@ import torch
 
 from megatron_anchor import runtime
 from megatron_anchor.convert import mapping
-from megatron_anchor.diagnostics.reference_llama import LlamaConfig
+from megatron_anchor.convert.reference_llama import LlamaConfig
 
 def model_config_for(cfg: LlamaConfig, rope_fp32: bool = True, bf16: bool = False):
     from megatron_anchor.model import ModelConfig
@@ -147,12 +147,10 @@ def megatron_logits(model, tokens: torch.Tensor) -> torch.Tensor:
     return logits.float()
 
 
-def load_reference(path: os.PathLike):
-    """(LlamaConfig, reference weights) of any checkpoint the project writes."""
-    from megatron_anchor import checkpoint
-
-    model, mcfg = checkpoint.load_model(str(path))
-    cfg = llama_config_from_model_config(mcfg)
+def load_reference(ckpt):
+    """(LlamaConfig, reference weights) of any opened checkpoint the project writes."""
+    model = ckpt.load_model()
+    cfg = llama_config_from_model_config(ckpt.model_config)
     return cfg, reference_weights_from_megatron(model.state_dict(), cfg)
 
 
@@ -167,7 +165,7 @@ def convert_and_save(smol, out: Path, tokenizer_dir: Optional[str] = None,
                      validate_tokens: int = 256, validate_text: Optional[str] = None) -> dict:
     """Build the Megatron model from SmolLM2, check it against the reference, save it."""
     from megatron_anchor import checkpoint
-    from megatron_anchor.diagnostics.reference_llama import ReferenceLlama
+    from megatron_anchor.convert.reference_llama import ReferenceLlama
 
     model, mcfg = build_megatron_model(smol.config, smol.weights)
     summary = {"gguf": str(smol.source), "model_config": json.loads(mcfg.to_json()),
@@ -190,5 +188,5 @@ def convert_and_save(smol, out: Path, tokenizer_dir: Optional[str] = None,
     summary["checkpoint"] = checkpoint.save_model(model, mcfg, str(out),
                                                   tokenizer_dir=tokenizer_dir,
                                                   extra_json={"import_summary.json": summary})
-    summary["tokenizer"] = checkpoint.tokenizer_dir(str(out))
+    summary["tokenizer"] = checkpoint.open(str(out)).tokenizer_dir
     return summary
