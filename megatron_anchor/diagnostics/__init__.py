@@ -4,7 +4,7 @@
   and the converter to a Megatron-Core checkpoint (`import_smollm2`).
 * `reference_llama`: a plain PyTorch Llama forward with explicit position ids, selectable
   precision and an attention hook (the diagnostic measures inside it).
-* `shift_metrics`: the attention-difference and first-token metrics of DESIGN §1.
+* `shift_metrics`: the attention-difference and first-token metrics of docs/design.md §1.
 * `megatron_import`: weight mapping between the reference model and Megatron-Core's GPTModel.
 * `rope_precision`: the BF16-RoPE shift experiment (`run(RopePrecisionConfig) -> Results`);
   `rope_inputs`: the model, tokenizer and text it runs on.
