@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The paper's continued-pretraining recipe (DESIGN.md section 8), shared by every
+# The paper's continued-pretraining recipe (docs/design.md §8), shared by every
 # pretrain_<model>_<context>.sh: AdamW (weight decay 0.1, betas 0.9/0.95), LR 2e-5 with cosine
 # decay, 2000 steps of 8 windows, AnchorAttention over packed documents, Transformer Engine,
 # BF16, sequence parallelism. A launch script sets PRETRAINED (the base model imported with

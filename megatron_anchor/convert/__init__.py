@@ -1,4 +1,4 @@
-"""Hugging Face checkpoints in and out (DESIGN §9): llama, mistral and qwen2 families.
+"""Hugging Face checkpoints in and out (docs/design.md §9): llama, mistral and qwen2 families.
 
 `import_checkpoint(hf_dir, output)` writes a Megatron checkpoint through
 `megatron_anchor.checkpoint`; `export_checkpoint(checkpoint.open(path), output)` writes safetensors

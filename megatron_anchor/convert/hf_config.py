@@ -1,6 +1,6 @@
 """Hugging Face `config.json` <-> our `ModelConfig`, per family, refusing what is not modelled.
 
-Families (DESIGN §9): `llama` (Llama-2, Llama-3, Llama-3.1/3.2 with `llama3` RoPE scaling,
+Families (docs/design.md §9): `llama` (Llama-2, Llama-3, Llama-3.1/3.2 with `llama3` RoPE scaling,
 SmolLM2), `mistral` (no active sliding window), `qwen2` (Qwen-1.5/Qwen2: bias on q/k/v only).
 All three are the same Megatron architecture: RMSNorm, SwiGLU, GQA, RoPE, no other biases.
 

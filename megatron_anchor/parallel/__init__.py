@@ -1,5 +1,5 @@
 """Parallel layouts and parity: the same model and batch must give the same numbers in
-every tensor/context-parallel layout (DESIGN §3).
+every tensor/context-parallel layout (docs/design.md §3).
 
 * `layouts`: ``tp2cp2``-style layout names, and re-initialising Megatron-Core's process
   groups for one layout over an existing world (data-parallel replicas fill the rest).

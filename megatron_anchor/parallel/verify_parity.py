@@ -1,4 +1,4 @@
-"""Check that every parallel layout computes the same numbers (DESIGN §3, "Parity").
+"""Check that every parallel layout computes the same numbers (docs/design.md §3, "Parity").
 
 Run the same model weights on the same packed window in several TP×CP layouts, gather the
 full logits on rank 0, and compare each layout with the first one, per attention variant

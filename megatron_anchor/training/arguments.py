@@ -166,7 +166,7 @@ def _checkpoint_and_logging_args(parser):
 def _anchor_args(parser):
     g = parser.add_argument_group("AnchorAttention")
     g.add_argument("--attention-variant", choices=VARIANTS, default="anchor",
-                   help="who sees whom in a packed window (DESIGN.md section 2)")
+                   help="who sees whom in a packed window (docs/design.md §2)")
     g.add_argument("--domain-tags", action="store_true",
                    help="anchor variant: put each document's domain name (tokenized) after its "
                         "anchor; tag tokens are never loss targets")

@@ -112,7 +112,7 @@ def estimate(arch: Architecture, seq_length: int, tp: int, cp: int, dp: int = 1,
     )
 
 
-# The paper's models (DESIGN.md section 8), vocabularies as the launch scripts pad them.
+# The paper's models (docs/design.md §8), vocabularies as the launch scripts pad them.
 MODELS = {
     "llama2_7b": Architecture(32, 4096, 32, 32, 11008, 32000),
     "llama3_8b": Architecture(32, 4096, 32, 8, 14336, 128256),
