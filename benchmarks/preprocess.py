@@ -113,10 +113,11 @@ def _read(path):
 
 def bench_packer(prefix: str, seq_lengths, windows: int) -> list:
     from megatron_anchor.data.windows import WindowConfig, WindowDataset
+    from megatron_anchor.layout import WindowLayout
 
     rows = []
     for seq_length in seq_lengths:
-        config = WindowConfig(seq_length=seq_length, variant="anchor", anchor_token_id=1,
+        config = WindowConfig(layout=WindowLayout(seq_length, "anchor", anchor_token_id=1),
                               split="100,0,0", num_samples=windows)
         build_s, ds = timed(WindowDataset, prefix, config)
         ds[0]  # warm the page cache and code paths

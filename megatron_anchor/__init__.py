@@ -20,8 +20,8 @@ def _quiet_expected_megatron_warnings() -> None:
 _quiet_expected_megatron_warnings()
 
 _LAYOUT_EXPORTS = (
-    "VARIANTS", "PackedBatch", "collate", "cp_partition_indices", "pack_documents",
-    "shard_for_cp",
+    "VARIANTS", "PackedBatch", "Variant", "WindowLayout", "collate", "cp_partition_indices",
+    "pack_documents", "shard_for_cp",
 )
 __all__ = list(_LAYOUT_EXPORTS)
 

@@ -1,9 +1,11 @@
-"""Attention backends: one registry that says what each backend supplies and what it needs.
+"""Attention backends: one registry of backend objects that say what they supply and need.
 
-Like Megatron-Core's `BackendSpecProvider`, a backend names the pieces it supplies (the base
-GPT layer spec it plugs into, its core attention class) and owns the rules for its options.
-The trainer, the parity tool, the Megatron-LM glue and every CLI take their choices
-(`BACKEND_NAMES`) and their checks (`validate`) from here.
+As Megatron-Core's `BackendSpecProvider` (`models/backends.py`), a backend is an object
+passed once to the spec builder (`spec.get_anchor_layer_spec(backend, ...)`): it names the
+pieces it supplies (the base GPT layer spec it plugs into, its core-attention class) and
+owns the rules for its options (`validate`). The trainer, the parity tool, the Megatron-LM
+glue and every CLI take their choices (`BACKEND_NAMES`) and their checks from here; a name
+given on the command line is resolved into the object once (`get`).
 
 | backend | where | core attention |
 |---|---|---|
@@ -91,8 +93,8 @@ class AttentionBackend:
                  sequence_parallel: bool = False, cp_comm_type: Optional[str] = "p2p",
                  num_attention_heads: Optional[int] = None,
                  num_query_groups: Optional[int] = None,
-                 te_version: Optional[str] = None) -> None:
-        """Refuse, with the flag to change, what this backend cannot run."""
+                 te_version: Optional[str] = None) -> "AttentionBackend":
+        """Refuse, with the flag to change, what this backend cannot run; returns itself."""
         if self.needs_gpu and cpu:
             raise BackendError(f"--attention-backend {self.name} needs a GPU: drop --cpu, or "
                                "use --attention-backend local")
@@ -100,7 +102,7 @@ class AttentionBackend:
             raise BackendError(f"--sequence-parallel needs --attention-backend te (it shards "
                                f"activations along the THD token axis); {self.name!r} cannot")
         if self.uses_cp_comm_type and cp > 1:
-            from megatron_anchor.parallel.te_cp import TEVersionError, check_te_cp_comm_type
+            from megatron_anchor.attention.te_cp import TEVersionError, check_te_cp_comm_type
 
             heads = None
             if num_attention_heads is not None:
@@ -113,6 +115,7 @@ class AttentionBackend:
                 raise BackendError(str(err)) from None
         if te_version is None and not cpu:
             self.require_installed()
+        return self
 
 
 BACKENDS = {
@@ -139,11 +142,4 @@ def get(name: str) -> AttentionBackend:
 
 
 def validate(name: str, **options) -> AttentionBackend:
-    backend = get(name)
-    backend.validate(**options)
-    return backend
-
-
-def from_megatron_transformer_impl(transformer_impl: str) -> AttentionBackend:
-    """Megatron-LM's `--transformer-impl` mapped to our backend of the same kind."""
-    return get("te" if transformer_impl == "transformer_engine" else "local")
+    return get(name).validate(**options)

@@ -34,6 +34,7 @@ segment (`cp_partition_indices`).
 from __future__ import annotations
 
 import dataclasses
+import enum
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -47,38 +48,53 @@ class LayoutError(UserError):
     """Arguments that cannot make a packed window; the message says what to change."""
 
 
-@dataclass(frozen=True)
-class Variant:
-    """What an attention variant does to a window (docs/design.md §2)."""
+class Variant(str, enum.Enum):
+    """An attention variant: one row of the variants table (docs/design.md §2).
 
-    name: str
-    segment_per_document: bool   # one THD segment per document (documents invisible to each other)
-    reset_positions: bool        # positions restart at 0 in every segment
-    anchor: bool                 # each segment starts with a copy of the shared anchor (position 0)
-    interleave_allowed: bool     # --interleave-chunks keeps its meaning (chunks stay visible)
+    Resolved once from its name at the edge (`get_variant`, the tools' flags) and carried
+    as this object; code reads its fields, never compares names. A str subclass, so it
+    prints, compares and serialises (JSON, index-cache keys) as its name.
+    """
+
+    #                 name               segment_per_document reset  anchor interleave_allowed
+    FULL = ("full", False, False, False, False)
+    INTRA_DOC = ("intra-doc", True, False, False, True)
+    INTRA_DOC_RESET = ("intra-doc-reset", True, True, False, False)
+    ANCHOR = ("anchor", True, False, True, True)
+
+    def __new__(cls, name: str, segment_per_document: bool, reset_positions: bool,
+                anchor: bool, interleave_allowed: bool):
+        member = str.__new__(cls, name)
+        member._value_ = name
+        # One THD segment per document (documents invisible to each other).
+        member.segment_per_document = segment_per_document
+        # Positions restart at 0 in every segment.
+        member.reset_positions = reset_positions
+        # Each segment starts with a copy of the shared anchor (position 0).
+        member.anchor = anchor
+        # --interleave-chunks keeps its meaning (chunks of a document stay visible).
+        member.interleave_allowed = interleave_allowed
+        return member
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
 
 
-VARIANT_TABLE = {v.name: v for v in (
-    Variant("full", segment_per_document=False, reset_positions=False, anchor=False,
-            interleave_allowed=False),
-    Variant("intra-doc", segment_per_document=True, reset_positions=False, anchor=False,
-            interleave_allowed=True),
-    Variant("intra-doc-reset", segment_per_document=True, reset_positions=True, anchor=False,
-            interleave_allowed=False),
-    Variant("anchor", segment_per_document=True, reset_positions=False, anchor=True,
-            interleave_allowed=True),
-)}
-VARIANTS = tuple(VARIANT_TABLE)
-DOCUMENT_MASKED_VARIANTS = tuple(v.name for v in VARIANT_TABLE.values() if v.segment_per_document)
+VARIANTS = tuple(v.value for v in Variant)
+DOCUMENT_MASKED_VARIANTS = tuple(v.value for v in Variant if v.segment_per_document)
 
 # Slot kinds, kept per slot so references and tools never have to re-derive the layout.
 KIND_DOC, KIND_ANCHOR, KIND_TAG, KIND_PAD = 0, 1, 2, 3
 
 
-def get_variant(name: str) -> Variant:
+def get_variant(name) -> Variant:
+    """The table entry for a variant name (a `Variant` is returned as it is)."""
     try:
-        return VARIANT_TABLE[name]
-    except KeyError:
+        return Variant(name)
+    except ValueError:
         raise LayoutError(f"unknown attention variant {name!r}: choose one of "
                           f"{', '.join(VARIANTS)}") from None
 
@@ -98,20 +114,20 @@ def check_seq_length(seq_length: int, cp_size: int = 1) -> None:
             f"segment into 2 x CP chunks")
 
 
-def check_anchor(variant: str, anchor_token_id: Optional[int]) -> None:
-    if get_variant(variant).anchor and anchor_token_id is None:
+def _check_anchor(variant: Variant, anchor_token_id: Optional[int]) -> None:
+    if variant.anchor and anchor_token_id is None:
         raise LayoutError(
             f"--attention-variant {variant} needs an anchor token id (the tokenizer's BOS, or "
             "its EOS when it has no BOS): give a tokenizer or --anchor-token-id")
 
 
-def check_interleave(variant: str, interleave_chunks: Optional[int]) -> None:
-    if interleave_chunks and (interleave_chunks not in (2, 3)
-                              or not get_variant(variant).interleave_allowed):
-        allowed = " or ".join(v.name for v in VARIANT_TABLE.values() if v.interleave_allowed)
+def _check_interleave(variant: Variant, interleave_chunks: Optional[int]) -> None:
+    if interleave_chunks and (interleave_chunks not in (2, 3) or not variant.interleave_allowed):
+        allowed = " or ".join(v.value for v in Variant if v.interleave_allowed)
         raise LayoutError(
             f"--interleave-chunks {interleave_chunks}: use 2 or 3, with --attention-variant "
-            f"{allowed} (got {variant!r}); chunks of one document must stay mutually visible")
+            f"{allowed} (got {variant.value!r}); chunks of one document must stay mutually "
+            "visible")
 
 
 @dataclass
@@ -132,7 +148,7 @@ class PackedBatch:
     token_kinds: torch.Tensor
     cu_seqlens: torch.Tensor
     max_seqlen: int
-    variant: str
+    variant: Variant
     seq_length: int
     cp_size: int = 1
     cp_rank: int = 0
@@ -161,12 +177,126 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def _check_arguments(documents, seq_length, variant, anchor_token_id, domain_tags, domain_ids,
-                     cp_size, interleave_chunks):
-    get_variant(variant)
-    check_seq_length(seq_length, cp_size)
-    check_anchor(variant, anchor_token_id)
-    check_interleave(variant, interleave_chunks)
+@dataclass(frozen=True)
+class WindowLayout:
+    """How windows are packed: the variant, the window and the CP padding, validated once
+    (here) and then carried to the packer, which checks only the documents of each call."""
+
+    seq_length: int
+    variant: Variant
+    anchor_token_id: Optional[int] = None
+    pad_token_id: int = 0
+    cp_size: int = 1
+    interleave_chunks: int = 0  # 0: off; 2 or 3: the interleaved-chunks ablation
+
+    def __post_init__(self):
+        object.__setattr__(self, "variant", get_variant(self.variant))
+        object.__setattr__(self, "interleave_chunks", self.interleave_chunks or 0)
+        check_seq_length(self.seq_length, self.cp_size)
+        _check_anchor(self.variant, self.anchor_token_id)
+        _check_interleave(self.variant, self.interleave_chunks)
+
+    def pack(self, documents: Sequence[Sequence[int]],
+             domain_tags: Optional[Sequence[Sequence[int]]] = None,
+             domain_ids: Optional[Sequence[int]] = None) -> PackedBatch:
+        """Pack `documents` (token-id lists), in order, into one window of `seq_length` slots.
+
+        The last document that does not fit is cut; `PackedBatch.consumed` lists, for each
+        document touched, ``(document_index, tokens_placed)`` so a caller can pass the rest
+        of a cut document first in the next call. Slots left when documents run out are
+        padding. `domain_tags[i]` (token ids) follow document i's anchor; `domain_ids[i]`
+        labels its slots (per-domain validation loss).
+
+        `interleave_chunks` (2 or 3; the paper's ablation, found to hurt) splits each
+        document into that many chunks and interleaves the chunks of the window's documents
+        (chunk 0 of every document, then chunk 1, ...), keeping each document's chunk order.
+        See `_interleave_positions` for why this needs no new attention mask.
+        """
+        _check_documents(documents, domain_tags, domain_ids)
+        variant, S = self.variant, self.seq_length
+
+        tokens = np.full(S, self.pad_token_id, dtype=np.int64)
+        labels = np.full(S, self.pad_token_id, dtype=np.int64)
+        loss_mask = np.zeros(S, dtype=np.float32)
+        position_ids = np.arange(S, dtype=np.int64)
+        document_ids = np.full(S, -1, dtype=np.int64)
+        doc_domains = np.full(S, -1, dtype=np.int64)
+        kinds = np.full(S, KIND_PAD, dtype=np.int8)
+        boundaries = [0]
+        consumed = []
+        slot = 0
+
+        for i, doc in enumerate(documents):
+            remaining = S - slot
+            tags = list(domain_tags[i]) if domain_tags is not None else []
+            prefix_len = int(variant.anchor) + len(tags)
+            if remaining < prefix_len + 1:
+                break  # not even one document token fits after its anchor and tags
+            take = min(len(doc), remaining - prefix_len)
+            doc_arr = np.asarray(doc[: take + 1], dtype=np.int64)
+            start = slot
+
+            if variant.anchor:
+                tokens[slot], kinds[slot] = self.anchor_token_id, KIND_ANCHOR
+                position_ids[slot] = 0
+                slot += 1
+            if tags:
+                tokens[slot:slot + len(tags)] = tags
+                kinds[slot:slot + len(tags)] = KIND_TAG
+                slot += len(tags)
+
+            body = slice(slot, slot + take)
+            tokens[body] = doc_arr[:take]
+            kinds[body] = KIND_DOC
+            # Next-token targets inside the document; the cut case peeks at the next token.
+            n_targets = min(take, len(doc_arr) - 1)
+            labels[slot:slot + n_targets] = doc_arr[1:n_targets + 1]
+            loss_mask[slot:slot + n_targets] = 1.0
+            slot += take
+
+            document_ids[start:slot] = i
+            if domain_ids is not None:
+                doc_domains[start:slot] = domain_ids[i]
+            consumed.append((i, take))
+
+            if variant.segment_per_document:
+                end = start + _round_up(slot - start, cp_multiple(self.cp_size))
+                if variant.reset_positions:
+                    position_ids[start:end] = np.arange(end - start)
+                slot = end
+                boundaries.append(end)
+            if take < len(doc) or slot == S:
+                break
+
+        if not variant.segment_per_document:
+            boundaries.append(S)
+        elif boundaries[-1] != S:  # documents ran out, or the rest is too small: one pad segment
+            if variant.reset_positions:
+                position_ids[boundaries[-1]:] = np.arange(S - boundaries[-1])
+            boundaries.append(S)
+
+        _label_prefix_and_boundaries(tokens, labels, loss_mask, kinds, variant)
+        if self.interleave_chunks:
+            _interleave_positions(position_ids, kinds, boundaries, self.interleave_chunks)
+        cu_seqlens = torch.tensor(boundaries, dtype=torch.int32)
+        return PackedBatch(
+            tokens=torch.from_numpy(tokens),
+            labels=torch.from_numpy(labels),
+            loss_mask=torch.from_numpy(loss_mask),
+            position_ids=torch.from_numpy(position_ids),
+            document_ids=torch.from_numpy(document_ids),
+            domain_ids=torch.from_numpy(doc_domains),
+            token_kinds=torch.from_numpy(kinds),
+            cu_seqlens=cu_seqlens,
+            max_seqlen=int((cu_seqlens[1:] - cu_seqlens[:-1]).max()),
+            variant=variant,
+            seq_length=S,
+            cp_size=self.cp_size,
+            consumed=consumed,
+        )
+
+
+def _check_documents(documents, domain_tags, domain_ids) -> None:
     if len(documents) == 0:
         raise LayoutError("pack_documents got an empty document list: pass at least one document")
     for i, doc in enumerate(documents):
@@ -183,7 +313,7 @@ def _check_arguments(documents, seq_length, variant, anchor_token_id, domain_tag
 def pack_documents(
     documents: Sequence[Sequence[int]],
     seq_length: int,
-    variant: str,
+    variant,
     anchor_token_id: Optional[int] = None,
     domain_tags: Optional[Sequence[Sequence[int]]] = None,
     cp_size: int = 1,
@@ -191,105 +321,18 @@ def pack_documents(
     domain_ids: Optional[Sequence[int]] = None,
     interleave_chunks: int = 0,
 ) -> PackedBatch:
-    """Pack `documents` (token-id lists), in order, into one window of `seq_length` slots.
+    """One window in one call: `WindowLayout(...).pack(documents, domain_tags, domain_ids)`.
 
-    The last document that does not fit is cut; `PackedBatch.consumed` lists, for each
-    document touched, ``(document_index, tokens_placed)`` so a caller can pass the rest of
-    a cut document first in the next call. Slots left when documents run out are padding.
-
-    `interleave_chunks` (2 or 3; the paper's ablation, found to hurt) splits each document
-    into that many chunks and interleaves the chunks of the window's documents (chunk 0 of
-    every document, then chunk 1, ...), keeping each document's chunk order. See
-    `_interleave_positions` for why this needs no new attention mask.
+    Callers that pack many windows of one layout (the window dataset) build the
+    `WindowLayout` once and call its `pack`.
     """
-    _check_arguments(documents, seq_length, variant, anchor_token_id, domain_tags, domain_ids,
-                     cp_size, interleave_chunks)
-    rules = get_variant(variant)
-    multiple = cp_multiple(cp_size)
-    use_anchor = rules.anchor
-    S = seq_length
-
-    tokens = np.full(S, pad_token_id, dtype=np.int64)
-    labels = np.full(S, pad_token_id, dtype=np.int64)
-    loss_mask = np.zeros(S, dtype=np.float32)
-    position_ids = np.arange(S, dtype=np.int64)
-    document_ids = np.full(S, -1, dtype=np.int64)
-    doc_domains = np.full(S, -1, dtype=np.int64)
-    kinds = np.full(S, KIND_PAD, dtype=np.int8)
-    boundaries = [0]
-    consumed = []
-    slot = 0
-
-    for i, doc in enumerate(documents):
-        remaining = S - slot
-        tags = list(domain_tags[i]) if domain_tags is not None else []
-        prefix_len = int(use_anchor) + len(tags)
-        if remaining < prefix_len + 1:
-            break  # not even one document token fits after its anchor and tags
-        take = min(len(doc), remaining - prefix_len)
-        doc_arr = np.asarray(doc[: take + 1], dtype=np.int64)
-        start = slot
-
-        if use_anchor:
-            tokens[slot], kinds[slot], position_ids[slot] = anchor_token_id, KIND_ANCHOR, 0
-            slot += 1
-        if tags:
-            tokens[slot:slot + len(tags)] = tags
-            kinds[slot:slot + len(tags)] = KIND_TAG
-            slot += len(tags)
-
-        body = slice(slot, slot + take)
-        tokens[body] = doc_arr[:take]
-        kinds[body] = KIND_DOC
-        # Next-token targets inside the document; the cut case peeks at the next token.
-        n_targets = min(take, len(doc_arr) - 1)
-        labels[slot:slot + n_targets] = doc_arr[1:n_targets + 1]
-        loss_mask[slot:slot + n_targets] = 1.0
-        slot += take
-
-        document_ids[start:slot] = i
-        if domain_ids is not None:
-            doc_domains[start:slot] = domain_ids[i]
-        consumed.append((i, take))
-
-        if rules.segment_per_document:
-            end = start + _round_up(slot - start, multiple)
-            if rules.reset_positions:
-                position_ids[start:end] = np.arange(end - start)
-            slot = end
-            boundaries.append(end)
-        if take < len(doc) or slot == S:
-            break
-
-    if not rules.segment_per_document:
-        boundaries.append(S)
-    elif boundaries[-1] != S:  # documents ran out, or the rest is too small: one pad segment
-        if rules.reset_positions:
-            position_ids[boundaries[-1]:] = np.arange(S - boundaries[-1])
-        boundaries.append(S)
-
-    _label_prefix_and_boundaries(tokens, labels, loss_mask, kinds, variant)
-    if interleave_chunks:
-        _interleave_positions(position_ids, kinds, boundaries, interleave_chunks)
-    cu_seqlens = torch.tensor(boundaries, dtype=torch.int32)
-    return PackedBatch(
-        tokens=torch.from_numpy(tokens),
-        labels=torch.from_numpy(labels),
-        loss_mask=torch.from_numpy(loss_mask),
-        position_ids=torch.from_numpy(position_ids),
-        document_ids=torch.from_numpy(document_ids),
-        domain_ids=torch.from_numpy(doc_domains),
-        token_kinds=torch.from_numpy(kinds),
-        cu_seqlens=cu_seqlens,
-        max_seqlen=int((cu_seqlens[1:] - cu_seqlens[:-1]).max()),
-        variant=variant,
-        seq_length=S,
-        cp_size=cp_size,
-        consumed=consumed,
-    )
+    window = WindowLayout(seq_length, variant, anchor_token_id=anchor_token_id,
+                          pad_token_id=pad_token_id, cp_size=cp_size,
+                          interleave_chunks=interleave_chunks)
+    return window.pack(documents, domain_tags, domain_ids)
 
 
-def _label_prefix_and_boundaries(tokens, labels, loss_mask, kinds, variant):
+def _label_prefix_and_boundaries(tokens, labels, loss_mask, kinds, variant: Variant):
     """Targets of anchor and tag slots, and of the last token of each finished document.
 
     Anchors and tags predict the next slot of their own segment, unless that is a tag
@@ -306,7 +349,7 @@ def _label_prefix_and_boundaries(tokens, labels, loss_mask, kinds, variant):
     later_anchor = kinds == KIND_ANCHOR
     later_anchor[0] = False
     loss_mask[later_anchor] = 0.0
-    if not get_variant(variant).segment_per_document:
+    if not variant.segment_per_document:
         untrained_doc_end = (kinds == KIND_DOC) & (loss_mask == 0) & (nxt_kind == KIND_DOC)
         labels[untrained_doc_end] = nxt_token[untrained_doc_end]
         loss_mask[untrained_doc_end] = 1.0

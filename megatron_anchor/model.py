@@ -175,7 +175,7 @@ def build_model(cfg: ModelConfig, use_cpu_initialization: Optional[bool] = None,
 
     `initialize=False` leaves the weights uninitialised (importers overwrite every one).
     """
-    backends.get(cfg.attention_backend).validate(
+    backend = backends.get(cfg.attention_backend).validate(
         cpu=runtime.is_cpu(), tp=parallel_state.get_tensor_model_parallel_world_size(),
         cp=parallel_state.get_context_parallel_world_size(),
         sequence_parallel=cfg.sequence_parallel, cp_comm_type=cfg.cp_comm_type,
@@ -185,7 +185,7 @@ def build_model(cfg: ModelConfig, use_cpu_initialization: Optional[bool] = None,
     model = GPTModel(
         config=config,
         transformer_layer_spec=get_anchor_layer_spec(
-            cfg.attention_backend, rotary_base=cfg.rotary_base, rope_fp32=cfg.rope_fp32,
+            backend, rotary_base=cfg.rotary_base, rope_fp32=cfg.rope_fp32,
             rope_scaling=cfg.rope_scaling),
         vocab_size=cfg.padded_vocab_size,
         max_sequence_length=cfg.max_sequence_length,

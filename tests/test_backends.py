@@ -5,15 +5,17 @@ import re
 import pytest
 
 from megatron_anchor import backends
-from megatron_anchor.parallel import te_cp
+from megatron_anchor.attention import te_cp
 
 
 def test_registry_names_and_unknown_backend():
     assert backends.BACKEND_NAMES == ("local", "te")
     with pytest.raises(backends.BackendError, match="unknown attention backend 'flash'.*local or te"):
         backends.get("flash")
-    assert backends.from_megatron_transformer_impl("transformer_engine").name == "te"
-    assert backends.from_megatron_transformer_impl("local").name == "local"
+    from megatron_anchor.training.megatron_lm import backend_for_transformer_impl
+
+    assert backend_for_transformer_impl("transformer_engine") is backends.get("te")
+    assert backend_for_transformer_impl("local") is backends.get("local")
 
 
 def test_local_supplies_our_core_attention_in_megatrons_local_spec():
@@ -22,7 +24,7 @@ def test_local_supplies_our_core_attention_in_megatrons_local_spec():
 
     local = backends.get("local")
     assert local.core_attention() is LocalAnchorAttention
-    spec = get_anchor_layer_spec("local", rotary_base=5e5)
+    spec = get_anchor_layer_spec(local, rotary_base=5e5)
     core = spec.submodules.self_attention.submodules.core_attention
     assert core.module is LocalAnchorAttention and core.params["rotary_base"] == 5e5
     local.validate(cpu=True, tp=2, cp=4, cp_comm_type="anything")  # local all-gathers K/V

@@ -19,7 +19,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron_anchor.attention.core import rotate_query_key
 from megatron_anchor.layout import check_cp_divisibility
 
-from megatron_anchor.parallel.te_cp import CP_COMM_TYPES
+from megatron_anchor.attention.te_cp import CP_COMM_TYPES
 
 
 def te_anchor_forward_mixin(base):
@@ -63,10 +63,9 @@ def te_anchor_forward_mixin(base):
 
 @functools.lru_cache(maxsize=None)
 def te_anchor_attention_class():
-    """The real class; raises a clear error where Transformer Engine cannot be imported."""
-    from megatron_anchor.backends import get
-
-    get("te").require_installed()
+    """The real class. Reached through `backends.get("te").core_attention()`, which first
+    checks that Transformer Engine really imports (Megatron-Core binds a MagicMock here
+    otherwise)."""
     from megatron.core.extensions.transformer_engine import TEDotProductAttention
 
     return te_anchor_forward_mixin(TEDotProductAttention)

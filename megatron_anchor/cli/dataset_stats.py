@@ -51,12 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace):
-    from megatron_anchor.data.stats import StatsConfig, validate
+    from megatron_anchor.data.stats import StatsConfig
 
-    return validate(StatsConfig(
+    return StatsConfig(
         data_path=args.data_path, seq_length=args.seq_length, variants=list(args.variants),
         split=args.split, anchor_token_id=args.anchor_token_id, cp_size=args.cp_size,
-        max_windows=args.max_windows or None, seed=args.seed))
+        max_windows=args.max_windows or None, seed=args.seed)
 
 
 def save_histogram(stats: dict, lengths: np.ndarray, path: str) -> None:

@@ -25,7 +25,7 @@ from megatron_anchor.tooling import (
     names,
     run_tool,
 )
-from megatron_anchor.parallel.te_cp import CP_COMM_TYPES
+from megatron_anchor.attention.te_cp import CP_COMM_TYPES
 
 PROG = "megatron-anchor-verify-parity"
 VARIANT_NAMES = "full, intra-doc, intra-doc-reset, anchor"

@@ -21,6 +21,7 @@ import numpy as np
 
 from megatron_anchor.data.indexed import DatasetError
 from megatron_anchor.data.windows import WindowConfig, WindowDataset
+from megatron_anchor.layout import VARIANTS, WindowLayout
 
 
 @dataclass
@@ -29,7 +30,7 @@ class StatsConfig:
 
     data_path: Union[str, Sequence[str]]  # a prefix, or a Megatron blend "w1 p1 w2 p2"
     seq_length: int
-    variants: Optional[List[str]] = None  # None: every layout.VARIANTS
+    variants: Optional[List[str]] = None  # None: every variant
     split: str = "100,0,0"  # statistics are over the train part
     anchor_token_id: int = 0  # does not change the statistics
     cp_size: int = 1  # pad segments as for this CP size
@@ -45,23 +46,17 @@ class DatasetStatistics:
     lengths: np.ndarray
 
 
-def validate(config: StatsConfig) -> StatsConfig:
-    from megatron_anchor.layout import VARIANTS
-
-    if config.variants is None:
-        config.variants = list(VARIANTS)
-    unknown = [v for v in config.variants if v not in VARIANTS]
-    if unknown or not config.variants:
-        raise DatasetError(f"--variants: unknown variant(s) {', '.join(unknown) or '(none)'}; "
-                           f"choose from {', '.join(VARIANTS)}")
-    if config.seq_length < 1:
-        raise DatasetError(f"--seq-length must be >= 1, got {config.seq_length}")
-    if config.cp_size < 1:
-        raise DatasetError(f"--context-parallel-size must be >= 1, got {config.cp_size}")
+def window_layouts(config: StatsConfig) -> List[WindowLayout]:
+    """One window layout per variant asked for (every variant by default); the layout
+    checks the window length and CP size."""
+    if config.variants is not None and not config.variants:
+        raise DatasetError("--variants: give at least one variant")
     if config.max_windows is not None and config.max_windows < 1:
         raise DatasetError(f"--max-windows must be >= 1 (0 on the command line: all), got "
                            f"{config.max_windows}")
-    return config
+    return [WindowLayout(seq_length=config.seq_length, variant=variant,
+                         anchor_token_id=config.anchor_token_id, cp_size=config.cp_size)
+            for variant in (config.variants or VARIANTS)]
 
 
 def length_histogram(lengths: np.ndarray) -> List[dict]:
@@ -80,7 +75,7 @@ def window_statistics(dataset: WindowDataset, max_windows: Optional[int]) -> dic
     from megatron_anchor.layout import KIND_PAD as layout_pad
 
     n = len(dataset) if max_windows is None else min(len(dataset), max_windows)
-    S = dataset.config.seq_length
+    S = dataset.layout.seq_length
     docs_per_window, pad_fraction, flop_ratio = [], [], []
     for i in range(n):
         batch = dataset[i]
@@ -109,18 +104,15 @@ def _describe(values) -> dict:
 
 def dataset_statistics(config: StatsConfig) -> DatasetStatistics:
     """Document statistics once, window statistics per variant."""
-    validate(config)
     result = {"seq_length": config.seq_length, "variants": {}}
     lengths = None
-    for variant in config.variants:
-        windows = WindowConfig(seq_length=config.seq_length, variant=variant,
-                               split=config.split, seed=config.seed,
-                               anchor_token_id=config.anchor_token_id, cp_size=config.cp_size)
-        dataset = WindowDataset(config.data_path, windows)
+    for window in window_layouts(config):
+        dataset = WindowDataset(config.data_path, WindowConfig(layout=window, split=config.split,
+                                                               seed=config.seed))
         if lengths is None:
             documents, lengths = _document_statistics(dataset, config.seq_length)
             result.update(documents)
-        result["variants"][variant] = window_statistics(dataset, config.max_windows)
+        result["variants"][str(window.variant)] = window_statistics(dataset, config.max_windows)
     return DatasetStatistics(stats=result, lengths=lengths)
 
 

@@ -49,9 +49,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from megatron_anchor import files
 from megatron_anchor.data.indexed import (
     DatasetError, file_sha256, idx_path, merge_domain_names, open_dataset,
 )
+from megatron_anchor.layout import WindowLayout
 
 SPLIT_NAMES = ("train", "valid", "test")
 INDEX_FORMAT_VERSION = 3  # 2: the shuffle index is cached; 3: stream entries lost `start`
@@ -63,11 +65,9 @@ INDEX_FORMAT_VERSION = 3  # 2: the shuffle index is cached; 3: stream entries lo
 
 @dataclass
 class WindowConfig:
-    seq_length: int
-    variant: str = "anchor"
-    anchor_token_id: Optional[int] = None
-    pad_token_id: int = 0
-    cp_size: int = 1
+    # The window: length, attention variant, anchor/pad ids, CP padding, interleaving
+    # (validated when it is built).
+    layout: WindowLayout
     seed: int = 1234
     split: str = "969,30,1"
     split_name: str = "train"
@@ -83,9 +83,6 @@ class WindowConfig:
     short_doc_threshold: int = 4096
     # Domain tags: token ids placed after the anchor of each document, per domain name.
     domain_tag_ids: Optional[Dict[str, List[int]]] = None
-    # Interleaved-chunk ablation: split each window's documents into this many chunks (2 or
-    # 3) and interleave them (layout.pack_documents(interleave_chunks=...)).
-    interleave_chunks: Optional[int] = None
     drop_last: bool = False  # drop a final window that is not full
     index_cache_dir: Optional[str] = None
 
@@ -198,7 +195,7 @@ class _Stream:
         else:
             self.interleaver = WeightedInterleaver(
                 dataset._lengths, dataset._weights_for_split(), dataset._epoch_order)
-            self._append(dataset._pieces(self.interleaver.take(dataset.config.seq_length)))
+            self._append(dataset._pieces(self.interleaver.take(dataset.layout.seq_length)))
 
     def _append(self, pieces) -> None:
         for piece in pieces:
@@ -241,16 +238,8 @@ class WindowDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, data_path, config: WindowConfig):
-        from megatron_anchor.layout import (
-            check_anchor, check_interleave, check_seq_length, pack_documents,
-        )
-
-        self._pack = pack_documents
         self.config = config
-        # The packer's own rules (layout.py), checked before any document is read.
-        check_anchor(config.variant, config.anchor_token_id)
-        check_interleave(config.variant, config.interleave_chunks)
-        check_seq_length(config.seq_length, config.cp_size)
+        self.layout = config.layout
         self.prefixes, self.weights = parse_data_path(data_path)
         self.sources = [open_dataset(p) for p in self.prefixes]
         self.domain_names, self._doc_domains = self._domain_tables()
@@ -329,11 +318,9 @@ class WindowDataset(torch.utils.data.Dataset):
             return
         self.stream, self.starts, self.order, self.blocks = self._build_index()
         if path:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.tmp-{os.getpid()}.npz"
-            np.savez(tmp, stream=self.stream, starts=self.starts, order=self.order,
-                     blocks=self.blocks)
-            os.replace(tmp, path)
+            with files.atomic_path(path, suffix=".npz") as tmp:
+                np.savez(tmp, stream=self.stream, starts=self.starts, order=self.order,
+                         blocks=self.blocks)
 
     @property
     def shuffles_samples(self) -> bool:
@@ -360,7 +347,7 @@ class WindowDataset(torch.utils.data.Dataset):
     def _blend_epoch_windows(self) -> int:
         """Windows of one pass over the split's tokens (a blend's shuffle block)."""
         split_tokens = sum(int(self._lengths[s][d].sum()) for s, d in enumerate(self._documents))
-        return max(1, math.ceil(split_tokens / self.config.seq_length))
+        return max(1, math.ceil(split_tokens / self.layout.seq_length))
 
     def _build_index(self):
         """Pack the whole stream once with token-free stand-in documents, recording where
@@ -379,14 +366,14 @@ class WindowDataset(torch.utils.data.Dataset):
             if enough and not shuffle:
                 break
             if wanted is not None:  # keep at least a window of tokens ahead (next epochs)
-                stream.ensure_tokens_after(pos, offset, self.config.seq_length)
+                stream.ensure_tokens_after(pos, offset, self.layout.seq_length)
             if pos >= len(stream.pieces):
                 break  # the epoch is fully packed
             block = built // block_size if block_size else stream.piece_epochs[pos]
             if enough and (not blocks or block != blocks[-1]):
                 break  # enough windows, and the last one's epoch (block) is complete
             blocks.append(block)
-            window = stream.window_from(pos, offset, self.config.seq_length)
+            window = stream.window_from(pos, offset, self.layout.seq_length)
             docs = [stream.zeros(length - (offset if k == 0 else 0))
                     for k, (_, _, length) in enumerate(window)]
             batch = self._pack_pieces(window, docs)
@@ -426,12 +413,9 @@ class WindowDataset(torch.utils.data.Dataset):
         return pos, offset
 
     def _pack_pieces(self, window, docs):
-        cfg = self.config
         domain_ids = [int(self._doc_domains[s][d]) for s, d, *_ in window]
         tags = None if self._tag_ids is None else [self._tag_ids[i] for i in domain_ids]
-        return self._pack(docs, cfg.seq_length, cfg.variant, anchor_token_id=cfg.anchor_token_id,
-                          domain_tags=tags, cp_size=cfg.cp_size, pad_token_id=cfg.pad_token_id,
-                          domain_ids=domain_ids, interleave_chunks=cfg.interleave_chunks or 0)
+        return self.layout.pack(docs, domain_tags=tags, domain_ids=domain_ids)
 
     # -- reading windows ----------------------------------------------------------------------
 

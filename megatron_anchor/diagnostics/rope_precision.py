@@ -36,6 +36,7 @@ from typing import List, Optional
 import torch
 
 from megatron_anchor.errors import UserError
+from megatron_anchor.layout import DOCUMENT_MASKED_VARIANTS
 from megatron_anchor.diagnostics import shift_metrics
 from megatron_anchor.convert.reference_llama import (
     Precision, ReferenceLlama, random_init_weights,
@@ -90,7 +91,6 @@ class RopePrecisionConfig:
 # The ~1-minute protocol (--quick, what the CI test runs).
 QUICK = dict(seq_length=512, shifts=[0, 1000], secondary_shifts=[0, 1000],
              first_token_max_length=1024, num_windows=1, layout_settings=[MAIN_SETTING])
-DOCUMENT_LAYOUTS = ("intra-doc", "intra-doc-reset", "anchor")
 
 
 class RopePrecisionError(UserError):
@@ -104,9 +104,9 @@ def validate(config: RopePrecisionConfig) -> RopePrecisionConfig:
             raise RopePrecisionError(f"unknown setting {name!r}: choose from "
                                      f"{', '.join(SETTINGS)}")
     for layout in config.layouts:
-        if layout not in DOCUMENT_LAYOUTS:
+        if layout not in DOCUMENT_MASKED_VARIANTS:
             raise RopePrecisionError(f"--layouts: {layout!r} is not a document-masked layout "
-                                     f"({', '.join(DOCUMENT_LAYOUTS)})")
+                                     f"({', '.join(DOCUMENT_MASKED_VARIANTS)})")
     if 0 not in config.shifts or 0 not in config.secondary_shifts:
         raise RopePrecisionError("--shifts and --secondary-shifts must include 0 (the per-key "
                                  "panel compares Δ1=0 with Δ2)")

@@ -6,9 +6,7 @@ every tensor/context-parallel layout (docs/design.md §3).
 * `sharding`: Megatron's tensor-parallel split of a full (TP=1) state dict, and the
   inverse gather of gradients, both read from the parameters' own TP attributes.
 * `gather`: full logits from vocab-parallel, CP-sharded ones.
-* `te_cp`: which `--cp-comm-type` the installed Transformer Engine runs on THD batches.
 * `verify_parity`: the ``megatron-anchor-verify-parity`` tool.
 """
 
 from megatron_anchor.parallel.layouts import Layout, parse_layouts  # noqa: F401
-from megatron_anchor.parallel.te_cp import check_te_cp_comm_type  # noqa: F401

@@ -60,7 +60,7 @@ def synthetic_documents(length_dist: str, seq_length: int, vocab_size: int, seed
     return documents
 
 
-def make_batch(args, variant: str, cp_multiple: int):
+def make_batch(args, variant, cp_multiple: int):
     """The window (a PackedBatch) for `variant`, padded for every layout's CP; identical on
     every rank."""
     from megatron_anchor.layout import pack_documents
@@ -74,12 +74,14 @@ def make_batch(args, variant: str, cp_multiple: int):
                           pad_token_id=args.pad_token_id)
 
 
-def _window_from_dataset(args, variant: str, cp_multiple: int):
+def _window_from_dataset(args, variant, cp_multiple: int):
     from megatron_anchor.data.windows import WindowConfig, WindowDataset
+    from megatron_anchor.layout import WindowLayout
 
-    config = WindowConfig(seq_length=args.seq_length, variant=variant,
+    window = WindowLayout(seq_length=args.seq_length, variant=variant,
                           anchor_token_id=args.anchor_token_id, pad_token_id=args.pad_token_id,
-                          cp_size=cp_multiple, seed=args.seed)
+                          cp_size=cp_multiple)
+    config = WindowConfig(layout=window, seed=args.seed)
     batch = WindowDataset(args.data_path, config)[args.window_index]
     top = int(batch.tokens.max())
     if top >= args.model.vocab_size:

@@ -62,7 +62,7 @@ class ParityConfig:
 
     layouts: List[Layout]
     model: object                       # ModelConfig: the checkpoint's with `checkpoint`
-    variants: List[str] = field(default_factory=lambda: ["anchor", "full"])
+    variants: List[object] = field(default_factory=lambda: ["anchor", "full"])  # -> Variant
     dtypes: List[str] = field(default_factory=lambda: ["fp32", "bf16"])
     fp32_rtol: float = 1e-5
     bf16_tol: float = 2.5e-2
@@ -91,8 +91,7 @@ class ParityConfig:
 
         if len(self.layouts) < 2:
             raise ParityError("give at least two layouts to compare, e.g. --layouts tp1cp1,tp2cp1")
-        for variant in self.variants:
-            get_variant(variant)
+        self.variants = [get_variant(v) for v in self.variants]
         bad = [d for d in self.dtypes if d not in DTYPES]
         if bad or not self.dtypes:
             raise ParityError(f"bad --dtypes {','.join(self.dtypes)}: choose from "

@@ -22,7 +22,7 @@ from megatron_anchor.training.config import (
 from megatron_anchor.backends import BACKEND_NAMES
 from megatron_anchor.data.tokenizer import TOKENIZER_TYPES
 from megatron_anchor.layout import VARIANTS
-from megatron_anchor.parallel.te_cp import CP_COMM_TYPES
+from megatron_anchor.attention.te_cp import CP_COMM_TYPES
 from megatron_anchor.tooling import (
     ToolParser,
     add_architecture_flags,

@@ -47,7 +47,7 @@ class DataConfig:
     seq_length: int = 1024
     micro_batch_size: int = 1      # windows per micro-batch (collated into one THD sequence)
     global_batch_size: int = 8     # windows per optimizer step, over all DP ranks
-    variant: str = "anchor"
+    variant: layout.Variant = layout.Variant.ANCHOR
     domain_tags: bool = False
     anchor_token_id: Optional[int] = None
     pad_token_id: int = 0
@@ -59,6 +59,10 @@ class DataConfig:
     short_doc_keep_fraction: float = 1.0
     interleave_chunks: Optional[int] = None
     shuffle_samples: bool = True   # serve windows in a seeded order (Megatron's shuffle_index)
+
+    def __post_init__(self):
+        # The edge of the data config (flags, train_config.json): a name becomes the variant.
+        self.variant = layout.get_variant(self.variant)
 
 
 @dataclass
@@ -130,9 +134,6 @@ class TrainConfig:
         d, o, p, m = self.data, self.optim, self.parallel, self.model
         if not d.data_path:
             raise ConfigError("--data-path is required (Megatron style: [weight] prefix ...)")
-        if d.seq_length <= 0:
-            raise ConfigError(f"--seq-length must be positive, got {d.seq_length}")
-        layout.check_seq_length(d.seq_length, p.context_parallel_size)
         if m.hidden_size % m.num_attention_heads:
             raise ConfigError(f"--hidden-size {m.hidden_size} is not divisible by "
                               f"--num-attention-heads {m.num_attention_heads}")
@@ -141,9 +142,7 @@ class TrainConfig:
         if d.global_batch_size % d.micro_batch_size:
             raise ConfigError(f"--global-batch-size {d.global_batch_size} must be a multiple of "
                               f"--micro-batch-size {d.micro_batch_size}")
-        layout.check_anchor(d.variant, d.anchor_token_id)
-        layout.check_interleave(d.variant, d.interleave_chunks)
-        if d.domain_tags and not layout.get_variant(d.variant).anchor:
+        if d.domain_tags and not d.variant.anchor:
             raise ConfigError("--domain-tags goes with --attention-variant anchor")
         if o.lr_decay_style not in LR_DECAY_STYLES:
             raise ConfigError(f"--lr-decay-style must be one of {LR_DECAY_STYLES}")
@@ -165,6 +164,15 @@ class TrainConfig:
             raise ConfigError("--eval-interval must be >= 1")
         self.validate_memory_features()
         return self
+
+    def window_layout(self) -> layout.WindowLayout:
+        """The packed-window layout of this run (its rules checked as it is built); build it
+        once, after the tokenizer ids are resolved, and hand it to every dataset."""
+        d = self.data
+        return layout.WindowLayout(
+            seq_length=d.seq_length, variant=d.variant, anchor_token_id=d.anchor_token_id,
+            pad_token_id=d.pad_token_id, cp_size=self.parallel.context_parallel_size,
+            interleave_chunks=d.interleave_chunks)
 
     def validate_memory_features(self) -> None:
         """Activation recomputation and the distributed optimizer, as Megatron checks them."""

@@ -14,7 +14,7 @@ import os
 from typing import List, Optional
 
 from megatron_anchor.data.tokenizer import TokenizerConfig, anchor_token_id, build_tokenizer
-from megatron_anchor.layout import PackedBatch, collate, shard_for_cp
+from megatron_anchor.layout import PackedBatch, WindowLayout, collate, shard_for_cp
 from megatron_anchor.training.config import ConfigError, TrainConfig
 
 PAD_TOKEN_NAMES = ("<|pad|>", "<pad>", "[PAD]")
@@ -89,18 +89,19 @@ def domain_names(cfg: TrainConfig) -> List[str]:
 # Datasets
 # ----------------------------------------------------------------------------------------
 
-def build_dataset(cfg: TrainConfig, split_name: str, num_windows: int):
-    """A `WindowDataset` of `num_windows` windows of one split (epochs repeat as needed)."""
+def build_dataset(cfg: TrainConfig, split_name: str, num_windows: int,
+                  window: Optional[WindowLayout] = None):
+    """A `WindowDataset` of `num_windows` windows of one split (epochs repeat as needed).
+
+    `window`: the run's window layout (`TrainConfig.window_layout()`), built once."""
     from megatron_anchor.data.indexed import DatasetError
     from megatron_anchor.data.windows import WindowConfig, WindowDataset
 
     d = cfg.data
     config = WindowConfig(
-        seq_length=d.seq_length, variant=d.variant, anchor_token_id=d.anchor_token_id,
-        pad_token_id=d.pad_token_id, cp_size=cfg.parallel.context_parallel_size,
-        seed=cfg.seed, split=d.split, split_name=split_name, num_samples=num_windows,
-        short_doc_keep_fraction=d.short_doc_keep_fraction,
-        interleave_chunks=d.interleave_chunks, shuffle_samples=d.shuffle_samples,
+        layout=window or cfg.window_layout(), seed=cfg.seed, split=d.split,
+        split_name=split_name, num_samples=num_windows,
+        short_doc_keep_fraction=d.short_doc_keep_fraction, shuffle_samples=d.shuffle_samples,
         domain_tag_ids=cfg.domain_tag_ids if d.domain_tags else None,
         index_cache_dir=d.data_cache_path)
     try:
@@ -111,13 +112,13 @@ def build_dataset(cfg: TrainConfig, split_name: str, num_windows: int):
         raise ConfigError(f"cannot build the {split_name} windows: {err}{hint}") from None
 
 
-def build_datasets(cfg: TrainConfig):
+def build_datasets(cfg: TrainConfig, window: WindowLayout):
     """Train windows for every iteration, and fixed validation windows (or None)."""
     g = cfg.data.global_batch_size
-    train = build_dataset(cfg, "train", cfg.optim.train_iters * g)
+    train = build_dataset(cfg, "train", cfg.optim.train_iters * g, window)
     valid = None
     if cfg.logging.eval_iters > 0:
-        valid = build_dataset(cfg, "valid", cfg.logging.eval_iters * g)
+        valid = build_dataset(cfg, "valid", cfg.logging.eval_iters * g, window)
     return train, valid
 
 

@@ -99,17 +99,6 @@ def batch_training_flops(shape: FlopsShape, batch) -> float:
     return training_flops(shape, int(sum(lengths)), lengths)
 
 
-def window_training_flops(shape: FlopsShape, seq_length: int, variant: str,
-                          segment_lengths: Optional[Sequence[int]] = None) -> float:
-    """Training FLOPs of one window: `full` is one causal segment of `seq_length`; the
-    document-masked variants need their `segment_lengths`."""
-    if variant == "full" or segment_lengths is None:
-        if variant != "full":
-            raise ValueError(f"variant {variant!r} needs the segment lengths of the window")
-        segment_lengths = [seq_length]
-    return training_flops(shape, seq_length, segment_lengths)
-
-
 def default_peak_tflops(device_name: Optional[str] = None, bf16: bool = True) -> Optional[float]:
     """Dense BF16 peak of the current (or named) GPU; None on CPU, for FP32 runs or for an
     unknown GPU (then MFU needs --peak-tflops)."""

@@ -28,7 +28,7 @@ checkout)::
     torchrun --nproc-per-node 8 pretrain_anchor_mlm.py \
         --spec megatron_anchor.megatron_lm_spec anchor_layer_spec --position-embedding-type none \
         --calculate-per-token-loss --micro-batch-size 1 --dataloader-type external ... \
-        --anchor-variant anchor --anchor-token-id 1
+        --attention-variant anchor --anchor-token-id 1
 
 `--micro-batch-size` must be 1 (a micro-batch is one THD sequence); the data iterator yields
 `PackedBatch`es (collated windows) directly. Megatron-LM's `--seq-length` is the window.
@@ -39,13 +39,21 @@ batch logic testable) with megatron-core alone.
 
 from __future__ import annotations
 
+import argparse
+import warnings
 from functools import partial
 
 from megatron_anchor import backends
-from megatron_anchor.layout import VARIANTS, PackedBatch, check_anchor, check_seq_length
+from megatron_anchor.layout import VARIANTS, PackedBatch, WindowLayout
 from megatron_anchor.model import forward_packed
 from megatron_anchor.training.data import assemble_microbatch
 from megatron_anchor.training.train import loss_func  # Megatron's per-token-loss contract
+
+# The plugin's flags under Megatron-LM, named as megatron-anchor-pretrain names them; the
+# earlier --anchor-* spellings are kept as deprecated aliases.
+DEPRECATED_FLAGS = {"--anchor-variant": "--attention-variant",
+                    "--anchor-pad-token-id": "--pad-token-id",
+                    "--anchor-rope-bf16": "--rope-bf16"}
 
 
 def megatron_lm_available() -> bool:
@@ -64,15 +72,60 @@ def _require_megatron_lm():
             "megatron-anchor-pretrain, which needs megatron-core only")
 
 
+class _Deprecated(argparse.Action):
+    """Stores like the flag it stands for, and says once that the old name is deprecated."""
+
+    def __init__(self, option_strings, dest, store_true=False, **kwargs):
+        self.store_true = store_true
+        super().__init__(option_strings, dest, nargs=0 if store_true else None, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string in DEPRECATED_FLAGS:
+            warnings.warn(f"{option_string} is deprecated: use {DEPRECATED_FLAGS[option_string]}",
+                          FutureWarning, stacklevel=2)
+        setattr(namespace, self.dest, True if self.store_true else values)
+
+
 def add_anchor_args(parser):
-    """Megatron-LM `extra_args_provider`: the plugin's flags."""
+    """Megatron-LM `extra_args_provider`: the plugin's flags (the trainer's names)."""
     group = parser.add_argument_group("AnchorAttention")
-    group.add_argument("--anchor-variant", default="anchor", choices=VARIANTS)
-    group.add_argument("--anchor-token-id", type=int, default=None)
-    group.add_argument("--anchor-pad-token-id", type=int, default=0)
-    group.add_argument("--anchor-rope-bf16", action="store_true",
-                       help="diagnostic: BF16 RoPE (read by megatron_anchor.spec)")
+    group.add_argument("--attention-variant", "--anchor-variant", dest="attention_variant",
+                       default="anchor", choices=VARIANTS, action=_Deprecated,
+                       help="who sees whom in a packed window (docs/design.md §2)")
+    group.add_argument("--anchor-token-id", type=int, default=None,
+                       help="the shared anchor token (the tokenizer's BOS, else its EOS)")
+    group.add_argument("--pad-token-id", "--anchor-pad-token-id", dest="pad_token_id",
+                       type=int, default=0, action=_Deprecated, help="the padding token")
+    group.add_argument("--rope-bf16", "--anchor-rope-bf16", dest="rope_bf16", default=False,
+                       action=_Deprecated, store_true=True,
+                       help="diagnostic: RoPE tables and rotation in BF16 instead of FP32")
     return parser
+
+
+def backend_for_transformer_impl(transformer_impl: str) -> backends.AttentionBackend:
+    """Megatron-LM's `--transformer-impl` mapped to our backend of the same kind."""
+    return backends.get("te" if transformer_impl == "transformer_engine" else "local")
+
+
+def layer_spec_from_args(args):
+    """The layer spec for Megatron-LM's parsed arguments (what `megatron_lm_spec` exports)."""
+    from megatron_anchor.errors import UserError
+    from megatron_anchor.spec import get_anchor_layer_spec
+
+    if getattr(args, "position_embedding_type", "none") != "none":
+        raise UserError(
+            "megatron_anchor.megatron_lm_spec applies RoPE itself at window positions: "
+            "run pretrain_gpt.py with --position-embedding-type none (and keep --rotary-base)")
+    backend = backend_for_transformer_impl(getattr(args, "transformer_impl", "local"))
+    # Megatron-LM's --use-rope-scaling is Llama-3.1's rule with Megatron-Core's fixed bands.
+    scaling = {"rope_type": "llama3", "factor": getattr(args, "rope_scaling_factor", 8.0),
+               "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192} \
+        if getattr(args, "use_rope_scaling", False) else None
+    return get_anchor_layer_spec(backend, rotary_base=getattr(args, "rotary_base", 10000),
+                                 rope_fp32=not getattr(args, "rope_bf16", False),
+                                 qk_layernorm=getattr(args, "qk_layernorm", False),
+                                 rope_scaling=scaling)
 
 
 def model_provider(pre_process=True, post_process=True, *unused, **unused_kw):
@@ -102,23 +155,27 @@ def validate_megatron_lm_args(args) -> None:
 
     cp = getattr(args, "context_parallel_size", 1)
     comm_types = getattr(args, "cp_comm_type", "p2p")
+    backend = backend_for_transformer_impl(getattr(args, "transformer_impl", "local"))
     for comm_type in (comm_types if isinstance(comm_types, (list, tuple)) else [comm_types]):
-        backends.from_megatron_transformer_impl(getattr(args, "transformer_impl", "local")).validate(
+        backend.validate(
             cpu=runtime.is_cpu(), tp=args.tensor_model_parallel_size, cp=cp,
             sequence_parallel=getattr(args, "sequence_parallel", False),
             cp_comm_type=comm_type, num_attention_heads=args.num_attention_heads,
             num_query_groups=getattr(args, "num_query_groups", None))
-    check_seq_length(args.seq_length, cp)
-    check_anchor(args.anchor_variant, args.anchor_token_id)
+    window_layout_from_args(args)
+
+
+def window_layout_from_args(args) -> WindowLayout:
+    """The packed-window layout of Megatron-LM's arguments (its rules checked as built)."""
+    return WindowLayout(seq_length=args.seq_length, variant=args.attention_variant,
+                        anchor_token_id=args.anchor_token_id, pad_token_id=args.pad_token_id,
+                        cp_size=args.context_parallel_size)
 
 
 def window_config_from_args(args, split_name: str, num_samples: int):
     from megatron_anchor.data.windows import WindowConfig
 
-    return WindowConfig(seq_length=args.seq_length, variant=args.anchor_variant,
-                        anchor_token_id=args.anchor_token_id,
-                        pad_token_id=args.anchor_pad_token_id,
-                        cp_size=args.context_parallel_size, seed=args.seed, split=args.split,
+    return WindowConfig(layout=window_layout_from_args(args), seed=args.seed, split=args.split,
                         split_name=split_name, num_samples=num_samples,
                         index_cache_dir=getattr(args, "data_cache_path", None))
 

@@ -39,11 +39,12 @@ def run_config(cfg):
     tokenizer = data.load_tokenizer(cfg)
     data.resolve_tokens(cfg, tokenizer)
     cfg.validate()
+    window = cfg.window_layout()  # the packing rules, checked before any process group exists
     owns_world = _initialize(cfg)
     try:
         dp = cfg.validate_world(runtime.world_size())
         rank0 = runtime.is_rank0()
-        train_data, valid_data = data.build_datasets(cfg)
+        train_data, valid_data = data.build_datasets(cfg, window)
         microbatches = data.MicroBatches(
             cfg, parallel_state.get_data_parallel_rank(), dp,
             parallel_state.get_context_parallel_rank(), p.context_parallel_size,

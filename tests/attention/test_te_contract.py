@@ -84,7 +84,7 @@ def test_selecting_te_without_te_is_a_clear_error():
     from megatron_anchor.spec import get_anchor_layer_spec
 
     with pytest.raises(backends.BackendError, match="Transformer Engine"):
-        get_anchor_layer_spec("te")
+        get_anchor_layer_spec(backends.get("te"))
     # Megatron-Core binds TEDotProductAttention to a MagicMock when TE is missing: the
     # guard must not be fooled by it.
     from megatron.core.extensions import transformer_engine as mcore_te

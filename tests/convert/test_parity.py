@@ -6,7 +6,6 @@ and a packed `anchor` window whose every document matches transformers run on
 """
 
 import pytest
-import torch
 
 from megatron_anchor.layout import pack_documents
 from tests.convert.conftest import (BOS, FAMILIES, VOCAB, documents, hf_logits, our_logits,

@@ -42,23 +42,18 @@ def test_default_rope_type_means_no_scaling():
     assert check_rope_scaling(None) is None
 
 
-def test_megatron_lm_use_rope_scaling_reaches_the_core_attention(monkeypatch):
+def test_megatron_lm_use_rope_scaling_reaches_the_core_attention():
     """Megatron-LM's --use-rope-scaling becomes our llama3 scaling, equal to Megatron-Core's
     own RotaryEmbedding tables."""
-    import sys
-    import types
     from types import SimpleNamespace
 
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
-    from megatron_anchor.spec import spec_from_megatron_lm_args
+    from megatron_anchor.training.megatron_lm import layer_spec_from_args
 
     args = SimpleNamespace(position_embedding_type="none", transformer_impl="local",
                            rotary_base=500000, use_rope_scaling=True, rope_scaling_factor=8.0)
-    fake = types.ModuleType("megatron.training")
-    fake.get_args = lambda: args
-    monkeypatch.setitem(sys.modules, "megatron.training", fake)
-    params = spec_from_megatron_lm_args().submodules.self_attention.submodules \
+    params = layer_spec_from_args(args).submodules.self_attention.submodules \
         .core_attention.params
     scaling = params["rope_scaling"]
     assert scaling == dict(LLAMA31, factor=8.0)
@@ -68,5 +63,5 @@ def test_megatron_lm_use_rope_scaling_reaches_the_core_attention(monkeypatch):
     torch.testing.assert_close(rope_inv_freq(128, 500000, rope_scaling=scaling).float(),
                                megatron.inv_freq.float(), rtol=1e-6, atol=0)
     args.use_rope_scaling = False
-    assert "rope_scaling" not in spec_from_megatron_lm_args().submodules.self_attention \
+    assert "rope_scaling" not in layer_spec_from_args(args).submodules.self_attention \
         .submodules.core_attention.params

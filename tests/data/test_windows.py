@@ -17,7 +17,7 @@ from megatron_anchor.data.windows import (
     validation_unigram_cross_entropy,
     upsample_keep_mask,
 )
-from megatron_anchor.layout import KIND_DOC, collate
+from megatron_anchor.layout import KIND_DOC, WindowLayout, collate
 
 ANCHOR = 59999
 
@@ -33,10 +33,15 @@ def corpus(tmp_path_factory):
     return {"prefix": prefix, "other": other, "lengths": lengths, "domains": domains, "tmp": tmp}
 
 
+LAYOUT_FIELDS = ("seq_length", "variant", "anchor_token_id", "pad_token_id", "cp_size",
+                 "interleave_chunks")
+
+
 def _config(**overrides):
     base = dict(seq_length=256, variant="anchor", anchor_token_id=ANCHOR, split="100,0,0")
     base.update(overrides)
-    return WindowConfig(**base)
+    window = WindowLayout(**{k: base.pop(k) for k in LAYOUT_FIELDS if k in base})
+    return WindowConfig(layout=window, **base)
 
 
 def _document_tokens_per_window(ds):

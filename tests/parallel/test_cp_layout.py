@@ -11,7 +11,7 @@ from megatron_anchor.layout import (
     shard_for_cp, unshard_cp,
 )
 from megatron_anchor.parallel.sharding import join_shards, split_for_rank
-from megatron_anchor.parallel.te_cp import check_te_cp_comm_type
+from megatron_anchor.attention.te_cp import check_te_cp_comm_type
 from megatron_anchor.cli.verify_parity import main as verify_parity_main
 from megatron_anchor.parallel.parity_batch import (
     parse_length_distribution, synthetic_documents,

@@ -9,7 +9,6 @@ from megatron_anchor.training.flops import (
     default_peak_tflops,
     throughput,
     training_flops,
-    window_training_flops,
 )
 
 # 2 layers, h=64, 4 query heads in 2 groups (d=16), SwiGLU width 192, padded vocab 256.
@@ -34,10 +33,6 @@ def test_attention_counted_per_segment():
     assert full == 3 * (8 * 229376 + 512 * 32) == 5554176
     anchor = training_flops(SHAPE, 8, [3, 5])
     assert anchor == 3 * (8 * 229376 + 512 * 17) == 5531136
-    assert window_training_flops(SHAPE, 8, "full") == full
-    assert window_training_flops(SHAPE, 8, "anchor", [3, 5]) == anchor
-    with pytest.raises(ValueError, match="segment lengths"):
-        window_training_flops(SHAPE, 8, "anchor")
 
 
 def test_packed_batch_flops_follow_its_segments():

@@ -44,8 +44,27 @@ MEGATRON_LM_ARGV = [
     "--no-masked-softmax-fusion", "--no-bias-swiglu-fusion", "--no-rope-fusion",
     "--tokenizer-type", "NullTokenizer", "--vocab-size", "300", "--lr", "1e-3",
     "--train-iters", "2", "--split", "90,10,0", "--distributed-backend", "gloo",
-    "--anchor-variant", "anchor", "--anchor-token-id", "1",
+    "--attention-variant", "anchor", "--anchor-token-id", "1",
 ]
+
+
+def test_plugin_flags_take_the_trainers_names_and_keep_the_old_ones():
+    """--attention-variant / --pad-token-id / --rope-bf16 as in megatron-anchor-pretrain; the
+    earlier --anchor-* spellings still parse, with a deprecation warning."""
+    import argparse
+
+    parser = megatron_lm.add_anchor_args(argparse.ArgumentParser())
+    args = parser.parse_args(["--attention-variant", "intra-doc", "--pad-token-id", "5",
+                              "--rope-bf16"])
+    assert (args.attention_variant, args.pad_token_id, args.rope_bf16) == ("intra-doc", 5, True)
+    assert parser.parse_args([]).rope_bf16 is False
+    with pytest.warns(FutureWarning, match="--anchor-variant is deprecated: use "
+                                           "--attention-variant"):
+        old = parser.parse_args(["--anchor-variant", "full", "--anchor-pad-token-id", "7",
+                                 "--anchor-rope-bf16"])
+    assert (old.attention_variant, old.pad_token_id, old.rope_bf16) == ("full", 7, True)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--attention-variant", "nope"])
 
 
 def test_megatron_lm_spec_dataset_and_forward_step(megatron_cpu, byte_corpus, monkeypatch):
