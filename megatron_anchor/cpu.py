@@ -267,10 +267,6 @@ def _prime_torch_adam_state(optimizer) -> None:
                                                                memory_format=torch.preserve_format)
 
 
-def cpu_mode_enabled() -> bool:
-    return _ENABLED
-
-
 def model_parallel_manual_seed(seed: int) -> None:
     """CPU stand-in for `model_parallel_cuda_manual_seed` (same seeds, same names)."""
     from megatron.core import parallel_state as ps

@@ -436,14 +436,18 @@ def unshard_cp(local_pieces: Sequence[torch.Tensor], cu_seqlens: torch.Tensor,
 
 
 def collate(batches: Sequence[PackedBatch]) -> PackedBatch:
-    """Concatenate windows into one THD micro-batch (one token axis, shifted cu_seqlens)."""
+    """Concatenate windows into one THD micro-batch (one token axis, shifted cu_seqlens).
+
+    Windows of one length keep it as the batch's `seq_length` (training micro-batches);
+    windows of different lengths (evaluation prompts, one window each) get their total.
+    """
     if len(batches) == 1:
         return batches[0]
     first = batches[0]
     for b in batches[1:]:
-        if (b.variant, b.seq_length, b.cp_size, b.cp_rank) != (
-                first.variant, first.seq_length, first.cp_size, first.cp_rank):
-            raise LayoutError("collate needs windows of one variant, seq_length and CP share")
+        if (b.variant, b.cp_size, b.cp_rank) != (first.variant, first.cp_size, first.cp_rank):
+            raise LayoutError("collate needs windows of one variant and CP share")
+    lengths = {b.seq_length for b in batches}
     offsets, cu = 0, [first.cu_seqlens[:1]]
     for b in batches:
         cu.append(b.cu_seqlens[1:] + offsets)
@@ -453,6 +457,7 @@ def collate(batches: Sequence[PackedBatch]) -> PackedBatch:
         first,
         cu_seqlens=torch.cat(cu).to(torch.int32),
         max_seqlen=max(b.max_seqlen for b in batches),
+        seq_length=first.seq_length if len(lengths) == 1 else sum(b.seq_length for b in batches),
         num_windows=sum(b.num_windows for b in batches),
         consumed=[c for b in batches for c in b.consumed],
         **joined,

@@ -54,12 +54,6 @@ from megatron_anchor.data.tokenizer import TokenizerConfig, build_tokenizer
 LINES_PER_TASK = 256
 BYTES_PER_TASK = 4 << 20
 
-SKIP_REASONS = (
-    "invalid-utf8", "malformed-json", "missing-key", "non-string-text", "empty-text",
-    "missing-domain", "bad-domain", "tokenize-error",
-)
-
-
 # ----------------------------------------------------------------------------------------
 # Configuration
 # ----------------------------------------------------------------------------------------

@@ -474,30 +474,8 @@ class WindowDataset(torch.utils.data.Dataset):
 
 
 # ----------------------------------------------------------------------------------------
-# Measures of a sample order and of a set of windows
+# Measures of a set of windows
 # ----------------------------------------------------------------------------------------
-
-def consecutive_step_overlap(dataset: WindowDataset, global_batch_size: int,
-                             num_steps: Optional[int] = None) -> float:
-    """Share of consecutive training steps that hold a piece of the same document.
-
-    Step i holds samples ``[i*G, (i+1)*G)`` (G = `global_batch_size`, the trainer's data
-    position); a document is ``(source, document)``. Returns the share of the pairs
-    (i, i+1), i < num_steps-1, whose document sets intersect (0.0 with fewer than 2 steps).
-    """
-    if global_batch_size < 1:
-        raise ValueError(f"global_batch_size must be >= 1, got {global_batch_size}")
-    available = len(dataset) // global_batch_size
-    steps = available if num_steps is None else min(num_steps, available)
-    previous, shared = None, 0
-    for step in range(steps):
-        docs = {(s, d) for i in range(step * global_batch_size, (step + 1) * global_batch_size)
-                for s, d, _, _ in dataset.window_pieces(i)}
-        if previous is not None and docs & previous:
-            shared += 1
-        previous = docs
-    return shared / (steps - 1) if steps > 1 else 0.0
-
 
 def target_counts(dataset: WindowDataset, samples: Optional[Sequence[int]] = None,
                   max_tokens: Optional[int] = None, vocab_size: int = 0) -> np.ndarray:

@@ -5,7 +5,6 @@
   RULER's `string_match_all`, on THD batches of `anchor` windows, at any TP/CP.
 * `runner`: `evaluate(model, tokenizer, vocab_size, EvalConfig)` -> `EvalResult` with
   controls and Wilson intervals; `average_checkpoints` for the last-K protocol.
-* `crosscheck`: the same prompts through `transformers` greedy generation.
 
 The command line is `megatron_anchor.cli.eval_long_context` (`megatron-anchor-eval`).
 """

@@ -64,23 +64,7 @@ def pack_windows(docs: Sequence[Sequence[int]], anchor_token_id: int, cp_size: i
                                       pad_token_id=pad_token_id))
         starts.append(offset)
         offset += seq_length
-    by_length = {w.seq_length for w in windows}
-    if len(by_length) == 1:
-        return collate(windows), starts
-    # Windows of different lengths: collate needs one seq_length, so join them by hand.
-    import dataclasses
-
-    from megatron_anchor.layout import PackedBatch
-
-    cu, total = [0], 0
-    for w in windows:
-        cu.extend(int(c) + total for c in w.cu_seqlens[1:].tolist())
-        total += w.seq_length
-    joined = {n: torch.cat([getattr(w, n) for w in windows]) for n in PackedBatch.PER_SLOT}
-    batch = dataclasses.replace(windows[0], cu_seqlens=torch.tensor(cu, dtype=torch.int32),
-                                max_seqlen=max(w.max_seqlen for w in windows),
-                                seq_length=total, num_windows=len(windows), **joined)
-    return batch, starts
+    return collate(windows), starts
 
 
 def full_logits(model, batch, device) -> torch.Tensor:

@@ -25,10 +25,6 @@ class Layout:
     def name(self) -> str:
         return f"tp{self.tp}cp{self.cp}"
 
-    @property
-    def model_parallel_size(self) -> int:
-        return self.tp * self.cp
-
 
 def parse_layouts(text: str) -> list[Layout]:
     """``"tp1cp1,tp2cp1"`` -> [Layout(1, 1), Layout(2, 1)]; order kept (the first is the reference)."""
@@ -71,9 +67,3 @@ def is_first_replica() -> bool:
     from megatron.core import parallel_state
 
     return parallel_state.get_data_parallel_rank() == 0
-
-
-def world_rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_initialized() else 0

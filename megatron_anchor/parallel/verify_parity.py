@@ -47,7 +47,7 @@ from megatron_anchor.parallel.parity_batch import (
     ParityError, make_batch, parse_length_distribution,
 )
 from megatron_anchor.parallel.layouts import (
-    Layout, check_world_size, common_cp_multiple, is_first_replica, use_layout, world_rank,
+    Layout, check_world_size, common_cp_multiple, is_first_replica, use_layout,
 )
 
 # Megatron-Core (and everything of ours that imports it) is imported inside the functions
@@ -205,7 +205,7 @@ def run_once(model, batch, compare_grads: bool, wrong_chunks: bool = False
     grad_norm = gradient_norm(model)
     full_logits = gather_full_logits(logits, batch.cu_seqlens)
     grads = full_gradients(model) if compare_grads else None
-    if world_rank() != 0:
+    if runtime.rank() != 0:
         return None
     return RunResult(full_logits.cpu(), loss, grad_norm, grads)
 
@@ -263,7 +263,7 @@ def batch_summary(batch) -> dict:
 # ----------------------------------------------------------------------------------------
 
 def _log(message: str) -> None:
-    if world_rank() == 0:
+    if runtime.rank() == 0:
         print(f"[verify-parity] {message}", file=sys.stderr, flush=True)
 
 

@@ -16,7 +16,7 @@ from typing import List, Optional
 
 
 def run(argv: Optional[List[str]] = None):
-    """Parse, set up, train; returns the RunSummary (rank 0 prints it)."""
+    """Parse, set up, train; returns the RunSummary (the caller prints it)."""
     from megatron_anchor.training.arguments import config_from_args, parse_args
 
     cfg = config_from_args(parse_args(argv))
@@ -86,8 +86,6 @@ def run_config(cfg):
                         start_iteration=start, save_fn=save_fn)
         summary.plot = logger.plot(os.path.join(output_dir or ".", "loss_curve.png"))
         logger.close()
-        if rank0:
-            _print_summary(summary)
         return summary
     finally:
         if owns_world:
@@ -169,7 +167,8 @@ def _losses(values: dict) -> str:
     return ", ".join(f"{k} {v:.4f}" for k, v in values.items())
 
 
-def _print_summary(summary) -> None:
+def format_summary(summary) -> str:
+    """The run summary a person reads at the end (`main` prints it on rank 0)."""
     lines = [
         "=" * 72,
         "run summary",
@@ -195,14 +194,17 @@ def _print_summary(summary) -> None:
         f"  loss curve       {summary.plot}",
         "=" * 72,
     ]
-    print("\n".join(line for line in lines if line), flush=True)
+    return "\n".join(line for line in lines if line)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from megatron_anchor import runtime
     from megatron_anchor.tooling import run_tool
 
     def body(args):
-        run(args)
+        summary = run(args)
+        if runtime.is_rank0():
+            print(format_summary(summary), flush=True)
         return 0
 
     return run_tool("megatron-anchor-pretrain", body, argv)

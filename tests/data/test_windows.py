@@ -1,6 +1,8 @@
 """WindowDataset: deterministic, resumable packing that never drops or duplicates documents
 within an epoch; blends, splits, UpSampledMix, CP padding, tags, interleaving plan."""
 
+from typing import Optional
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,6 @@ from megatron_anchor.data.indexed import DatasetError
 from megatron_anchor.data.windows import (
     WindowConfig,
     WindowDataset,
-    consecutive_step_overlap,
     split_range,
     target_counts,
     unigram_cross_entropy,
@@ -20,6 +21,28 @@ from megatron_anchor.data.windows import (
 from megatron_anchor.layout import KIND_DOC, WindowLayout, collate
 
 ANCHOR = 59999
+
+
+def consecutive_step_overlap(dataset: WindowDataset, global_batch_size: int,
+                             num_steps: Optional[int] = None) -> float:
+    """Share of consecutive training steps that hold a piece of the same document.
+
+    Step i holds samples ``[i*G, (i+1)*G)`` (G = `global_batch_size`, the trainer's data
+    position); a document is ``(source, document)``. Returns the share of the pairs
+    (i, i+1), i < num_steps-1, whose document sets intersect (0.0 with fewer than 2 steps).
+    """
+    if global_batch_size < 1:
+        raise ValueError(f"global_batch_size must be >= 1, got {global_batch_size}")
+    available = len(dataset) // global_batch_size
+    steps = available if num_steps is None else min(num_steps, available)
+    previous, shared = None, 0
+    for step in range(steps):
+        docs = {(s, d) for i in range(step * global_batch_size, (step + 1) * global_batch_size)
+                for s, d, _, _ in dataset.window_pieces(i)}
+        if previous is not None and docs & previous:
+            shared += 1
+        previous = docs
+    return shared / (steps - 1) if steps > 1 else 0.0
 
 
 @pytest.fixture(scope="module")

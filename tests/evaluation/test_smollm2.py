@@ -24,7 +24,7 @@ def smollm2_checkpoint(megatron_cpu, tmp_path_factory):
 def test_passkey_1k_and_greedy_cross_check(smollm2_checkpoint):
     from megatron_anchor import checkpoint, runtime
     from megatron_anchor.evaluation import scoring
-    from megatron_anchor.evaluation.crosscheck import hf_greedy, load_hf_smollm2
+    from tests.evaluation.crosscheck import hf_greedy, load_hf_smollm2
     from megatron_anchor.evaluation.tokenizer import EvalTokenizer
 
     ckpt = checkpoint.open(smollm2_checkpoint)

@@ -144,7 +144,7 @@ def test_7b_128k_scripts_fit_one_node_with_recompute_and_distributed_optimizer(s
     distributed optimizer; the memory estimate behind examples/README.md fits 80 GB (and
     would not without recomputation)."""
     from megatron_anchor.training.arguments import config_from_args, parse_args
-    from megatron_anchor.training.memory import Architecture, estimate
+    from tests.training.memory_estimate import Architecture, estimate
 
     launcher, argv = launched_argv(script, tmp_path)
     cfg = config_from_args(parse_args(argv))
@@ -164,7 +164,7 @@ def test_7b_128k_scripts_fit_one_node_with_recompute_and_distributed_optimizer(s
 
 
 def test_memory_estimate_by_hand():
-    from megatron_anchor.training.memory import Architecture, estimate
+    from tests.training.memory_estimate import Architecture, estimate
 
     arch = Architecture(num_layers=2, hidden_size=8, num_attention_heads=2, num_query_groups=1,
                         ffn_hidden_size=16, vocab_size=32)

@@ -146,12 +146,12 @@ def test_distributed_optimizer_matches_plain_and_resumes_exactly(byte_corpus, tm
 
 
 def test_throughput_and_unigram_ce_reach_logs_metrics_and_summary(megatron_cpu, byte_corpus,
-                                                                  tmp_path, capsys):
+                                                                  tmp_path):
     import json
     import os
 
     from megatron_anchor.training.flops import FlopsShape, training_flops
-    from megatron_anchor.training.pretrain import _print_summary, run
+    from megatron_anchor.training.pretrain import format_summary, run
 
     save = str(tmp_path / "run")
     summary = run(tiny_argv(byte_corpus, "--train-iters", "3", "--eval-iters", "1",
@@ -171,9 +171,7 @@ def test_throughput_and_unigram_ce_reach_logs_metrics_and_summary(megatron_cpu, 
     assert summary.valid_unigram_ce == valid[-1]["unigram_ce"]
     assert summary.tflops_per_rank > 0 and summary.mfu == pytest.approx(
         summary.tflops_per_rank / 0.5)
-    capsys.readouterr()
-    _print_summary(summary)
-    text = capsys.readouterr().out
+    text = format_summary(summary)
     assert "unigram CE" in text and "model TFLOP/s" in text and "MFU" in text
 
 
@@ -181,7 +179,9 @@ def test_memory_flags_are_kept_when_starting_from_a_checkpoint(megatron_cpu, byt
                                                                tmp_path):
     """The architecture comes from the checkpoint; recomputation is the run's own choice (a
     128K launch script starting from --pretrained-checkpoint must keep it)."""
-    from megatron_anchor.training.pretrain import run, take_architecture_from_checkpoint
+    from megatron_anchor.training.pretrain import (
+        open_start_checkpoints, run, take_architecture_from_checkpoint,
+    )
 
     save = str(tmp_path / "run")
     run(tiny_argv(byte_corpus, "--train-iters", "2", "--save", save))
@@ -189,7 +189,8 @@ def test_memory_flags_are_kept_when_starting_from_a_checkpoint(megatron_cpu, byt
         cfg = config_from_args(parse_args(tiny_argv(
             byte_corpus, flag, save, "--recompute-granularity", "full",
             "--recompute-method", "block", "--recompute-num-layers", "1")))
-        take_architecture_from_checkpoint(cfg)
+        resume, pretrained = open_start_checkpoints(cfg)
+        take_architecture_from_checkpoint(cfg, resume or pretrained)
         assert cfg.model.num_layers == 2 and cfg.model.hidden_size == 64
         assert (cfg.model.recompute_granularity, cfg.model.recompute_method,
                 cfg.model.recompute_num_layers) == ("full", "block", 1), flag

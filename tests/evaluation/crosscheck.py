@@ -2,7 +2,8 @@
 
 Teacher-forced exact match says "greedy decoding would start with the answer". This runs
 that greedy decoding with `transformers` on the same token ids (anchor/BOS + prompt) and
-compares, sample by sample. Used by the SmolLM2 test and the calibration in RESULTS.md.
+compares, sample by sample (the SmolLM2 test; the calibration in benchmarks/RESULTS.md).
+transformers is a test dependency, so this lives with the tests.
 """
 
 from __future__ import annotations
