@@ -170,7 +170,7 @@ def plot_figure(summary: dict, path: Path) -> None:
             x = [x_offset[layout]]
             ax.scatter(x, [entry["D"][0]], marker=markers[layout], s=60, color=COLORS[setting],
                        edgecolor="black", label=f"{setting}, {layout} mask (Δ1=0)")
-            if layout == "anchor":
+            if "D_without_first_keys" in entry:  # the anchor layout's non-anchor keys
                 ax.scatter([x[0] + 60], [entry["D_without_first_keys"][0]], marker="^", s=60,
                            facecolor="white", edgecolor=COLORS[setting],
                            label=f"{setting}, anchor mask, non-anchor keys")

@@ -33,6 +33,7 @@ import sysconfig
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Tuple
 
+from megatron_anchor import files
 from megatron_anchor.data.indexed import DatasetError
 
 MIN_DOMAINS = 3
@@ -196,19 +197,11 @@ def build_corpus(config: SampleCorpusConfig) -> List[dict]:
 
 def write_jsonl(records: List[dict], path: str) -> None:
     """Write atomically; `.gz` output has a zero mtime so its bytes are reproducible too."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as raw:
-            sink = gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) if path.endswith(".gz") else raw
-            with io.TextIOWrapper(sink, encoding="utf-8", newline="\n") as f:
-                for record in records:
-                    f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with files.atomic_path(path) as tmp, open(tmp, "wb") as raw:
+        sink = gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) if path.endswith(".gz") else raw
+        with io.TextIOWrapper(sink, encoding="utf-8", newline="\n") as f:
+            for record in records:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
 def corpus_summary(records: List[dict]) -> dict:

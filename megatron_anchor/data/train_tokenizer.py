@@ -23,6 +23,7 @@ import os
 from dataclasses import dataclass
 from typing import Iterator, List, Optional
 
+from megatron_anchor import files
 from megatron_anchor.data.indexed import DatasetError
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|bos|>", "<|pad|>"]
@@ -108,9 +109,7 @@ def train_tokenizer(config: TokenizerTrainingConfig) -> dict:
     tokenizer.train_from_iterator(texts, trainer=trainer)
     if tokenizer.get_vocab_size() <= len(SPECIAL_TOKENS) + 256:
         raise DatasetError(f"{', '.join(config.input_files)}: no text to train on")
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    tmp = output + f".tmp-{os.getpid()}"
-    tokenizer.save(tmp, pretty=True)
-    os.replace(tmp, output)
+    with files.atomic_path(output) as tmp:
+        tokenizer.save(tmp, pretty=True)
     return {"output": output, "vocab_size": tokenizer.get_vocab_size(),
             "special_tokens": {t: tokenizer.token_to_id(t) for t in SPECIAL_TOKENS}}
