@@ -156,6 +156,8 @@ def plot_figure(summary: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from megatron_anchor.layout import get_variant
+
     fig, axes = plt.subplots(1, 3, figsize=(18, 5.2))
     ref, L = summary["reference_shift"], summary["seq_length"]
 
@@ -170,7 +172,7 @@ def plot_figure(summary: dict, path: Path) -> None:
             x = [x_offset[layout]]
             ax.scatter(x, [entry["D"][0]], marker=markers[layout], s=60, color=COLORS[setting],
                        edgecolor="black", label=f"{setting}, {layout} mask (Δ1=0)")
-            if "D_without_first_keys" in entry:  # the anchor layout's non-anchor keys
+            if get_variant(layout).anchor:  # the same without the anchor copies' keys
                 ax.scatter([x[0] + 60], [entry["D_without_first_keys"][0]], marker="^", s=60,
                            facecolor="white", edgecolor=COLORS[setting],
                            label=f"{setting}, anchor mask, non-anchor keys")
