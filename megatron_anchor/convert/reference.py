@@ -23,13 +23,14 @@ from typing import Optional
 
 import torch
 
-from megatron_anchor import runtime
+from megatron_anchor import checkpoint, runtime
 from megatron_anchor.convert import mapping
-from megatron_anchor.convert.reference_llama import LlamaConfig
+from megatron_anchor.convert.reference_llama import LlamaConfig, ReferenceLlama
+from megatron_anchor.layout import pack_documents
+from megatron_anchor.model import ModelConfig, build_model, forward_packed
+
 
 def model_config_for(cfg: LlamaConfig, rope_fp32: bool = True, bf16: bool = False):
-    from megatron_anchor.model import ModelConfig
-
     return ModelConfig(
         num_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
         num_attention_heads=cfg.num_attention_heads, num_query_groups=cfg.num_query_groups,
@@ -122,8 +123,6 @@ def reference_weights_from_megatron(state: dict, cfg: LlamaConfig) -> dict:
 def build_megatron_model(cfg: LlamaConfig, weights: dict, rope_fp32: bool = True,
                          bf16: bool = False):
     """Our Megatron-Core GPTModel (TP=1) holding `weights`. Returns (model, ModelConfig)."""
-    from megatron_anchor.model import build_model
-
     runtime.ensure_initialized()
     mcfg = model_config_for(cfg, rope_fp32=rope_fp32, bf16=bf16)
     model = build_model(mcfg)
@@ -138,9 +137,6 @@ def build_megatron_model(cfg: LlamaConfig, weights: dict, rope_fp32: bool = True
 
 def megatron_logits(model, tokens: torch.Tensor) -> torch.Tensor:
     """FP32 logits [T, V] of one causal window through our packed forward."""
-    from megatron_anchor.layout import pack_documents
-    from megatron_anchor.model import forward_packed
-
     batch = pack_documents([tokens.tolist()], tokens.numel(), "full")
     with torch.no_grad():
         logits, _ = forward_packed(model, batch)
@@ -164,9 +160,6 @@ def default_validation_tokens(tokenizer, count: int, text_path: Optional[str] = 
 def convert_and_save(smol, out: Path, tokenizer_dir: Optional[str] = None,
                      validate_tokens: int = 256, validate_text: Optional[str] = None) -> dict:
     """Build the Megatron model from SmolLM2, check it against the reference, save it."""
-    from megatron_anchor import checkpoint
-    from megatron_anchor.convert.reference_llama import ReferenceLlama
-
     model, mcfg = build_megatron_model(smol.config, smol.weights)
     summary = {"gguf": str(smol.source), "model_config": json.loads(mcfg.to_json()),
                "bos_token_id": smol.bos_token_id, "eos_token_id": smol.eos_token_id,

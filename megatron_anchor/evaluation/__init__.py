@@ -8,13 +8,3 @@
 
 The command line is `megatron_anchor.cli.eval_long_context` (`megatron-anchor-eval`).
 """
-
-from megatron_anchor.evaluation.runner import (
-    EvalConfig, EvalResult, average_checkpoints, evaluate, wilson_interval)
-from megatron_anchor.evaluation.tasks import (
-    TASKS, EvaluationError, Sample, generate_sample, generate_samples)
-from megatron_anchor.evaluation.tokenizer import EvalTokenizer
-
-__all__ = ["EvalConfig", "EvalResult", "average_checkpoints", "evaluate", "wilson_interval",
-           "TASKS", "EvaluationError", "Sample", "generate_sample", "generate_samples",
-           "EvalTokenizer"]

@@ -19,15 +19,17 @@ from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
+from megatron.core import parallel_state
 
 from megatron_anchor.evaluation.tasks import EvaluationError, Sample
-from megatron_anchor.layout import cp_multiple
+from megatron_anchor.layout import collate, cp_multiple, pack_documents, shard_for_cp
+from megatron_anchor.model import forward_packed
+from megatron_anchor.parallel.gather import gather_full_logits
 
 
 @dataclass(frozen=True)
 class Verdict:
     """One sample's score. `score` is the share of answer items right (RULER's partial credit)."""
-
     items_correct: Tuple[bool, ...]
     predicted_ids: Tuple[int, ...]   # arg-max tokens at the answer slots (teacher-forced), or
                                      # the generated tokens (generation)
@@ -40,8 +42,6 @@ class Verdict:
 
 
 def _layout():
-    from megatron.core import parallel_state
-
     return (parallel_state.get_context_parallel_world_size(),
             parallel_state.get_context_parallel_rank())
 
@@ -54,8 +54,6 @@ def window_length(num_tokens: int, cp_size: int) -> int:
 def pack_windows(docs: Sequence[Sequence[int]], anchor_token_id: int, cp_size: int,
                  pad_token_id: int = 0):
     """One `anchor` window per document (anchor + doc), collated; the slot of each anchor."""
-    from megatron_anchor.layout import collate, pack_documents
-
     windows, starts, offset = [], [], 0
     for doc in docs:
         seq_length = window_length(len(doc) + 1, cp_size)
@@ -69,10 +67,6 @@ def pack_windows(docs: Sequence[Sequence[int]], anchor_token_id: int, cp_size: i
 
 def full_logits(model, batch, device) -> torch.Tensor:
     """[T, V] FP32 logits of the whole collated batch in window order, on every rank."""
-    from megatron_anchor.layout import shard_for_cp
-    from megatron_anchor.model import forward_packed
-    from megatron_anchor.parallel.gather import gather_full_logits
-
     cp_size, cp_rank = _layout()
     local = shard_for_cp(batch, cp_size, cp_rank).to(device)
     with torch.no_grad():

@@ -11,7 +11,9 @@ import math
 import re
 from dataclasses import dataclass
 
-# Megatron-Core is imported where it is used: parsing layouts (a tool's --help) stays fast.
+from megatron.core import parallel_state
+
+from megatron_anchor import runtime
 
 _LAYOUT_RE = re.compile(r"^tp(\d+)cp(\d+)$")
 
@@ -50,20 +52,14 @@ def common_cp_multiple(layouts) -> int:
 
 
 def check_world_size(layouts, world_size: int) -> None:
-    from megatron_anchor import runtime
-
     runtime.check_world_size(world_size, *((layout.tp, layout.cp) for layout in layouts))
 
 
 def use_layout(layout: Layout, cpu, seed: int) -> None:
     """Make `layout` Megatron's current parallel state (world already initialised or not)."""
-    from megatron_anchor import runtime
-
     runtime.initialize(layout.tp, layout.cp, cpu=cpu, seed=seed)
 
 
 def is_first_replica() -> bool:
     """Data-parallel replicas compute the same numbers; only replica 0 runs the check."""
-    from megatron.core import parallel_state
-
     return parallel_state.get_data_parallel_rank() == 0

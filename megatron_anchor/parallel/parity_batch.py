@@ -12,7 +12,9 @@ from typing import Callable
 
 import numpy as np
 
+from megatron_anchor.data.windows import WindowConfig, WindowDataset
 from megatron_anchor.errors import UserError
+from megatron_anchor.layout import WindowLayout, pack_documents
 
 
 class ParityError(UserError):
@@ -63,7 +65,6 @@ def synthetic_documents(length_dist: str, seq_length: int, vocab_size: int, seed
 def make_batch(args, variant, cp_multiple: int):
     """The window (a PackedBatch) for `variant`, padded for every layout's CP; identical on
     every rank."""
-    from megatron_anchor.layout import pack_documents
 
     if args.data_path:
         return _window_from_dataset(args, variant, cp_multiple)
@@ -75,9 +76,6 @@ def make_batch(args, variant, cp_multiple: int):
 
 
 def _window_from_dataset(args, variant, cp_multiple: int):
-    from megatron_anchor.data.windows import WindowConfig, WindowDataset
-    from megatron_anchor.layout import WindowLayout
-
     window = WindowLayout(seq_length=args.seq_length, variant=variant,
                           anchor_token_id=args.anchor_token_id, pad_token_id=args.pad_token_id,
                           cp_size=cp_multiple)

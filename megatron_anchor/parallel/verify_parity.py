@@ -41,17 +41,36 @@ from typing import List, Optional
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
 
-from megatron_anchor import runtime
-from megatron_anchor.parallel.parity_batch import (
-    ParityError, make_batch, parse_length_distribution,
+from megatron_anchor import backends, runtime
+from megatron_anchor.layout import check_seq_length, get_variant, shard_for_cp
+from megatron_anchor.model import (
+    build_model,
+    check_parallel_layout,
+    forward_packed,
+    masked_mean_loss,
 )
+from megatron_anchor.parallel.gather import gather_full_logits, sum_over_cp
 from megatron_anchor.parallel.layouts import (
-    Layout, check_world_size, common_cp_multiple, is_first_replica, use_layout,
+    Layout,
+    check_world_size,
+    common_cp_multiple,
+    is_first_replica,
+    use_layout,
 )
-
-# Megatron-Core (and everything of ours that imports it) is imported inside the functions
-# that need it, so the command line answers --help at once.
+from megatron_anchor.parallel.parity_batch import (
+    ParityError,
+    make_batch,
+    parse_length_distribution,
+)
+from megatron_anchor.parallel.sharding import (
+    full_gradients,
+    full_state_dict,
+    gradient_norm,
+    load_full_state_dict,
+    reduce_gradients_over_cp,
+)
 
 DTYPES = ("fp32", "bf16")
 
@@ -59,7 +78,6 @@ DTYPES = ("fp32", "bf16")
 @dataclass
 class ParityConfig:
     """What to compare, where, on which model and batch (the CLI builds it from flags)."""
-
     layouts: List[Layout]
     model: object                       # ModelConfig: the checkpoint's with `checkpoint`
     variants: List[object] = field(default_factory=lambda: ["anchor", "full"])  # -> Variant
@@ -85,9 +103,6 @@ class ParityConfig:
     def __post_init__(self):
         """Every rule checked once, by the module that owns it, before any process group
         exists: a ParityConfig is valid by construction."""
-        from megatron_anchor import backends
-        from megatron_anchor.layout import check_seq_length, get_variant
-        from megatron_anchor.model import check_parallel_layout
 
         if len(self.layouts) < 2:
             raise ParityError("give at least two layouts to compare, e.g. --layouts tp1cp1,tp2cp1")
@@ -124,9 +139,6 @@ def model_config(args, dtype: str):
 
 def seeded_full_weights(args) -> dict[str, torch.Tensor]:
     """FP32 weights of the model initialised from --seed at TP=1 (call under a TP=1 layout)."""
-    from megatron_anchor.model import build_model
-    from megatron_anchor.parallel.sharding import full_state_dict
-
     runtime.manual_seed(args.seed)
     weights = full_state_dict(build_model(model_config(args, "fp32")))
     _check_same_on_every_rank(weights)
@@ -147,9 +159,6 @@ def _check_same_on_every_rank(weights: dict[str, torch.Tensor]) -> None:
 
 def layout_model(args, dtype: str, weights: Optional[dict]):
     """The model for the current layout and dtype, holding the reference weights."""
-    from megatron_anchor.model import build_model
-    from megatron_anchor.parallel.sharding import load_full_state_dict
-
     model = build_model(model_config(args, dtype)).to(runtime.device())
     if args.checkpoint:
         args.checkpoint.load_weights(model)
@@ -173,10 +182,6 @@ class RunResult:
 
 def local_share(batch, wrong_chunks: bool = False):
     """This CP rank's tokens; `wrong_chunks` hands it the next rank's (to break parity)."""
-    from megatron.core import parallel_state
-
-    from megatron_anchor.layout import shard_for_cp
-
     cp = parallel_state.get_context_parallel_world_size()
     cp_rank = parallel_state.get_context_parallel_rank()
     source_rank = (cp_rank + 1) % cp if wrong_chunks else cp_rank
@@ -186,12 +191,6 @@ def local_share(batch, wrong_chunks: bool = False):
 def run_once(model, batch, compare_grads: bool, wrong_chunks: bool = False
              ) -> Optional[RunResult]:
     """Forward and backward of one window; the full result on world rank 0, else None."""
-    from megatron_anchor.model import forward_packed, masked_mean_loss
-    from megatron_anchor.parallel.gather import gather_full_logits, sum_over_cp
-    from megatron_anchor.parallel.sharding import (
-        full_gradients, gradient_norm, reduce_gradients_over_cp,
-    )
-
     for param in model.parameters():
         param.grad = None
     local = local_share(batch, wrong_chunks).to(runtime.device())

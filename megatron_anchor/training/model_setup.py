@@ -23,10 +23,19 @@ number of trained tokens.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+from megatron_anchor import runtime
 from megatron_anchor.model import build_model
 from megatron_anchor.training.config import TrainConfig
 
@@ -44,14 +53,6 @@ class TrainingComponents:
 
 
 def build_training_components(cfg: TrainConfig) -> TrainingComponents:
-    from megatron.core.distributed import (
-        DistributedDataParallel,
-        DistributedDataParallelConfig,
-        finalize_model_grads,
-    )
-
-    from megatron_anchor import runtime
-
     gpt = build_model(cfg.model).to(runtime.device())
     # Per-token loss: DDP sums gradients, finalize_model_grads divides by all trained tokens.
     gpt.config.calculate_per_token_loss = True
@@ -71,8 +72,6 @@ def build_training_components(cfg: TrainConfig) -> TrainingComponents:
 
 
 def build_optimizer(cfg: TrainConfig, model):
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-
     o = cfg.optim
     config = OptimizerConfig(
         optimizer="adam",  # Megatron's "adam" is AdamW (decoupled weight decay)
@@ -86,8 +85,6 @@ def build_optimizer(cfg: TrainConfig, model):
 
 
 def build_scheduler(cfg: TrainConfig, optimizer):
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
     o = cfg.optim
     return OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr,
@@ -106,7 +103,6 @@ def param_sync_paused(components: TrainingComponents):
     """Context for validation and checkpoints: with --overlap-param-gather the parameter
     all-gather of the last step is only waited for in forward pre-hooks; switch them off
     (forcing the all-gather) and back on afterwards, as Megatron-LM's train loop does."""
-    import contextlib
 
     model = components.model
 
