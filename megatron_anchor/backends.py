@@ -11,6 +11,7 @@ given on the command line is resolved into the object once (`get`).
 |---|---|---|
 | `local` | anywhere (CPU CI, GPUs) | `attention.core.LocalAnchorAttention`: exact pure PyTorch, CP by K/V all-gather |
 | `te` | GPU clusters with Transformer Engine | `attention.te`: Megatron's `TEDotProductAttention`, THD `padding_causal`, TE's CP |
+| `varlen` | GPUs without Transformer Engine (torch >= 2.10) | `attention.varlen`: torch's `varlen_attn` (FlashAttention-2), THD, CP by K/V all-gather |
 
 Megatron-Core is imported inside the methods, so a tool's `--help` stays fast.
 """
@@ -37,6 +38,18 @@ def _te_core_attention():
     from megatron_anchor.attention.te import te_anchor_attention_class
 
     return te_anchor_attention_class()
+
+
+def _varlen_core_attention():
+    from megatron_anchor.attention.varlen import VarlenAnchorAttention
+
+    return VarlenAnchorAttention
+
+
+def _varlen_missing():
+    from megatron_anchor.attention.varlen import varlen_unavailable_reason
+
+    return varlen_unavailable_reason()
 
 
 def _local_layer_spec(qk_layernorm: bool):
@@ -71,6 +84,8 @@ class AttentionBackend:
     uses_cp_comm_type: bool
     _core_attention: Callable[[], type]
     _layer_spec: Callable[[bool], object]
+    # What else it needs: a check returning why it cannot run here, or None.
+    _needs: Optional[Callable[[], Optional[str]]] = None
 
     def core_attention(self) -> type:
         """The core-attention class to put in `self_attention.submodules.core_attention`."""
@@ -83,6 +98,10 @@ class AttentionBackend:
         return self._layer_spec(qk_layernorm)
 
     def require_installed(self) -> None:
+        missing = self._needs() if self._needs is not None else None
+        if missing:
+            raise BackendError(f"attention backend {self.name!r} {missing}: use "
+                               "--attention-backend local")
         if self.needs_transformer_engine and not transformer_engine_available():
             raise BackendError(
                 f"attention backend {self.name!r} needs Transformer Engine, which is not "
@@ -129,6 +148,11 @@ BACKENDS = {
         needs_gpu=True, needs_transformer_engine=True, supports_sequence_parallel=True,
         uses_cp_comm_type=True, _core_attention=_te_core_attention,
         _layer_spec=_te_layer_spec),
+    "varlen": AttentionBackend(
+        name="varlen", description="torch varlen_attn (FlashAttention-2), THD, CP by K/V all-gather",
+        needs_gpu=True, needs_transformer_engine=False, supports_sequence_parallel=False,
+        uses_cp_comm_type=False, _core_attention=_varlen_core_attention,
+        _layer_spec=_local_layer_spec, _needs=_varlen_missing),
 }
 BACKEND_NAMES = tuple(BACKENDS)
 

@@ -396,6 +396,20 @@ def check_cp_divisibility(cu_seqlens: torch.Tensor, cp_size: int) -> None:
         )
 
 
+def cp_chunk_ranges(length: int, cp_size: int, cp_rank: int) -> tuple:
+    """In-segment [start, end) ranges a CP rank holds of a segment of `length`, in order.
+
+    The segment is cut into 2*cp equal chunks and rank r holds chunks r and 2*cp-1-r, so
+    every rank gets one early and one late chunk and causal work is balanced (Transformer
+    Engine's `thd_get_partitioned_indices`). Without CP the one range is the whole segment.
+    The one statement of the rule: the layout, the `local` and the `varlen` backends use it.
+    """
+    if cp_size == 1:
+        return ((0, length),)
+    chunk = length // (2 * cp_size)
+    return tuple((c * chunk, (c + 1) * chunk) for c in (cp_rank, 2 * cp_size - 1 - cp_rank))
+
+
 def cp_partition_indices(cu_seqlens: torch.Tensor, cp_size: int, cp_rank: int) -> torch.Tensor:
     """Token indices rank `cp_rank` holds: chunks r and 2*cp-1-r of every segment.
 
@@ -407,11 +421,9 @@ def cp_partition_indices(cu_seqlens: torch.Tensor, cp_size: int, cp_rank: int) -
     bounds = cu_seqlens.to(torch.int64).tolist()
     if cp_size == 1:
         return torch.arange(bounds[-1], dtype=torch.int64)
-    pieces = []
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        chunk = (end - start) // (2 * cp_size)
-        for c in (cp_rank, 2 * cp_size - 1 - cp_rank):
-            pieces.append(torch.arange(start + c * chunk, start + (c + 1) * chunk))
+    pieces = [torch.arange(start + a, start + b)
+              for start, end in zip(bounds[:-1], bounds[1:])
+              for a, b in cp_chunk_ranges(end - start, cp_size, cp_rank)]
     return torch.cat(pieces)
 
 

@@ -14,9 +14,11 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-from megatron.core import parallel_state, tensor_parallel
+from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.tensor_parallel.cross_entropy import VocabParallelCrossEntropy
+from megatron.core.tensor_parallel.utils import VocabUtility
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_anchor.errors import UserError
@@ -34,10 +36,13 @@ class AnchorPackedSeqParams(PackedSeqParams):
     """Megatron-Core THD params plus the explicit per-token RoPE positions.
 
     Megatron-Core's attention passes `packed_seq_params` through to the core attention
-    untouched, so this is how positions that do not restart per segment reach it.
+    untouched, so this is how positions that do not restart per segment reach it. It lives
+    for one batch, so the attention backends cache their per-batch plans on it (the first
+    layer builds them from `cu_seqlens_cpu`; no layer reads a device tensor on the host).
     """
 
     position_ids: Optional[torch.Tensor] = None
+    cu_seqlens_cpu: Optional[torch.Tensor] = None   # the same cu_seqlens, on the host
 
     def as_megatron(self) -> PackedSeqParams:
         """A plain PackedSeqParams (what TE-facing code in Megatron-Core expects)."""
@@ -46,7 +51,11 @@ class AnchorPackedSeqParams(PackedSeqParams):
 
 
 def packed_seq_params(batch: PackedBatch, cp_group=None) -> AnchorPackedSeqParams:
-    """The THD description of a packed batch (cu_seqlens == cu_seqlens_padded, see layout)."""
+    """The THD description of a packed batch (cu_seqlens == cu_seqlens_padded, see layout).
+
+    The host copy of cu_seqlens is taken here, once per batch (one small device-to-host
+    copy when the batch is on a GPU).
+    """
     cu_seqlens = batch.cu_seqlens.to(device=batch.tokens.device, dtype=torch.int32)
     return AnchorPackedSeqParams(
         qkv_format="thd",
@@ -58,6 +67,7 @@ def packed_seq_params(batch: PackedBatch, cp_group=None) -> AnchorPackedSeqParam
         max_seqlen_kv=int(batch.max_seqlen),
         cp_group=cp_group,
         position_ids=batch.position_ids,
+        cu_seqlens_cpu=batch.cu_seqlens.detach().to("cpu", torch.int32),
     )
 
 
@@ -198,21 +208,95 @@ def build_model(cfg: ModelConfig, use_cpu_initialization: Optional[bool] = None,
     return model.bfloat16() if cfg.bf16 else model
 
 
+# FP32 elements of one cross-entropy chunk: 2**26 is 256 MiB, 512 tokens of a 128K vocabulary.
+CROSS_ENTROPY_CHUNK_ELEMENTS = 2 ** 26
+
+
+def _local_targets(target, start, end):
+    """Targets outside this TP rank's vocabulary slice, and the targets as local columns."""
+    outside = (target < start) | (target >= end)
+    return outside, (target - start).masked_fill(outside, 0)
+
+
+class _ChunkedVocabParallelCrossEntropy(torch.autograd.Function):
+    """Megatron-Core's vocab-parallel cross entropy, a chunk of tokens at a time.
+
+    Megatron's `vocab_parallel_cross_entropy` upcasts the whole [T, V/tp] logits to FP32 and
+    keeps the FP32 softmax for the backward: 16 GiB at 32K tokens x 128K vocabulary, on top
+    of the logits. Here each chunk is upcast, reduced with Megatron's
+    `VocabParallelCrossEntropy` steps, and dropped; the backward rebuilds the softmax chunk
+    by chunk from the logits (in their own dtype) and the FP32 log-sum-exp per token. Same
+    FP32 arithmetic, so the same loss and gradients to rounding; two all-reduces in all.
+    With `grad_in_place` the gradient overwrites the logits (nothing else reads them).
+    """
+
+    @staticmethod
+    def forward(ctx, logits, target, grad_in_place, chunk):
+        group = parallel_state.get_tensor_model_parallel_group()
+        rank = parallel_state.get_tensor_model_parallel_rank()
+        world = parallel_state.get_tensor_model_parallel_world_size()
+        vocab = logits.shape[-1]
+        start, end = VocabUtility.vocab_range_from_per_partition_vocab_size(vocab, rank, world)
+        spans = [(s, min(s + chunk, logits.shape[0])) for s in range(0, logits.shape[0], chunk)]
+
+        logits_max = torch.cat([logits[a:b].float().max(dim=-1)[0] for a, b in spans])
+        torch.distributed.all_reduce(logits_max, op=torch.distributed.ReduceOp.MAX, group=group)
+        predicted, sum_exp = [], []
+        for a, b in spans:
+            # Megatron's calculate_predicted_logits, with masked_fill for its boolean-index
+            # writes (a host sync per chunk on CUDA).
+            shifted = logits[a:b].float() - logits_max[a:b, None]
+            target_mask, masked_target = _local_targets(target[a:b], start, end)
+            predicted.append(shifted.gather(1, masked_target[:, None])[:, 0]
+                             .masked_fill_(target_mask, 0.0))
+            sum_exp.append(shifted.exp_().sum(dim=-1))
+        stats = torch.cat([torch.cat(predicted), torch.cat(sum_exp)])
+        torch.distributed.all_reduce(stats, op=torch.distributed.ReduceOp.SUM, group=group)
+        predicted_logits, sum_exp_logits = stats.chunk(2)
+        log_sum_exp = torch.log(sum_exp_logits)
+        ctx.save_for_backward(logits, target, logits_max + log_sum_exp)
+        ctx.spans, ctx.vocab_range, ctx.grad_in_place = spans, (start, end), grad_in_place
+        return log_sum_exp - predicted_logits
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        logits, target, log_sum_exp = ctx.saved_tensors
+        start, end = ctx.vocab_range
+        grad = logits if ctx.grad_in_place else torch.empty_like(logits)
+        for a, b in ctx.spans:
+            softmax = (logits[a:b].float() - log_sum_exp[a:b, None]).exp_()
+            target_mask, masked_target = _local_targets(target[a:b], start, end)
+            grad_2d, arange_1d, update, grad_input = \
+                VocabParallelCrossEntropy.prepare_gradient_calculation_operands(softmax,
+                                                                                 target_mask)
+            grad[a:b] = VocabParallelCrossEntropy.calculate_gradients(
+                grad_2d, arange_1d, masked_target, update, grad_input, grad_loss[a:b])
+        return grad, None, None, None
+
+
+def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor,
+                                 grad_in_place: bool = False,
+                                 chunk_elements: int = CROSS_ENTROPY_CHUNK_ELEMENTS):
+    """Per-token FP32 loss [T] of vocab-parallel logits [T, V/tp] in any dtype, without an
+    FP32 copy of the logits (see `_ChunkedVocabParallelCrossEntropy`)."""
+    chunk = max(1, chunk_elements // logits.shape[-1])
+    return _ChunkedVocabParallelCrossEntropy.apply(logits, labels, grad_in_place, chunk)
+
+
 def forward_packed(model, batch: PackedBatch, return_logits: bool = True):
     """Logits [T, V/tp] (vocab-parallel, this rank's CP share) and per-token loss [T].
 
     `batch` is a (possibly CP-sharded, possibly collated) PackedBatch already on the
-    model's device. The loss is unmasked; apply `batch.loss_mask` when reducing.
+    model's device. The loss is unmasked, in FP32; apply `batch.loss_mask` when reducing.
+    The logits stay in the model's dtype (BF16 under --bf16): the cross entropy needs no
+    FP32 copy of them, so a 32K x 128K-vocabulary step holds one [T, V/tp] tensor, and
+    without `return_logits` its gradient is written over it.
     """
     params = packed_seq_params(batch)
     logits = model(batch.tokens[None], batch.position_ids[None], None,
                    packed_seq_params=params)[0]  # [T, V/tp]
-    # Megatron's vocab-parallel cross entropy works in place on FP32 logits.
-    ce_input = logits.float()
-    if return_logits and ce_input.data_ptr() == logits.data_ptr():
-        ce_input = ce_input.clone()
-    loss = tensor_parallel.vocab_parallel_cross_entropy(ce_input[:, None],
-                                                        batch.labels[:, None])[:, 0]
+    loss = vocab_parallel_cross_entropy(logits, batch.labels,
+                                        grad_in_place=not return_logits)
     return (logits if return_logits else None), loss
 
 

@@ -9,7 +9,7 @@ from megatron_anchor.attention import te_cp
 
 
 def test_registry_names_and_unknown_backend():
-    assert backends.BACKEND_NAMES == ("local", "te")
+    assert backends.BACKEND_NAMES == ("local", "te", "varlen")
     with pytest.raises(backends.BackendError, match="unknown attention backend 'flash'.*local or te"):
         backends.get("flash")
     from megatron_anchor.training.megatron_lm import backend_for_transformer_impl

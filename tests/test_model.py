@@ -153,3 +153,78 @@ def test_plain_packed_seq_params_are_refused(model):
                              max_seqlen_q=8, max_seqlen_kv=8)
     with pytest.raises(ValueError, match="per-token RoPE positions"):
         model(batch.tokens[None], batch.position_ids[None], None, packed_seq_params=params)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk_elements", [2 ** 26, 3 * 300])  # one chunk; chunks of 3 tokens
+def test_chunked_cross_entropy_equals_megatrons(megatron_cpu, dtype, chunk_elements):
+    """Loss and logit gradients as Megatron-Core's vocab_parallel_cross_entropy on an FP32
+    copy (the computation it replaces), with no FP32 [T, V] tensor kept for the backward."""
+    from megatron.core import tensor_parallel
+
+    from megatron_anchor.model import vocab_parallel_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(37, 300, generator=g)).to(dtype)
+    labels = torch.randint(0, 300, (37,), generator=g)
+    grad_loss = torch.rand(37, generator=g)
+
+    ours_in = logits.clone().requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        loss = vocab_parallel_cross_entropy(ours_in, labels, chunk_elements=chunk_elements)
+    loss.backward(grad_loss)
+    assert loss.dtype == torch.float32
+    copies = [t for t in saved if t.dim() == 2 and t.data_ptr() != ours_in.data_ptr()]
+    assert not copies  # only the logits themselves are kept
+
+    ref_in = logits.clone().requires_grad_()
+    ref = tensor_parallel.vocab_parallel_cross_entropy(ref_in.float()[:, None], labels[:, None])[:, 0]
+    ref.backward(grad_loss)
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ours_in.grad, ref_in.grad, rtol=1e-5 if dtype == torch.float32 else 1e-2,
+                               atol=1e-7 if dtype == torch.float32 else 1e-3)
+
+
+def test_forward_packed_keeps_model_dtype_logits_and_writes_the_gradient_over_them(megatron_cpu):
+    model_parallel_manual_seed(4)
+    model = build_model(ModelConfig(**{**CFG.__dict__, "bf16": True}))
+    batch = pack_documents(documents(3), 64, "anchor", anchor_token_id=ANCHOR)
+    logits, loss = forward_packed(model, batch)
+    assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
+    kept = logits.detach().clone()
+    loss.sum().backward()
+    torch.testing.assert_close(logits.detach(), kept, rtol=0, atol=0)  # returned: untouched
+    _, loss = forward_packed(model, batch, return_logits=False)
+    loss.sum().backward()  # in-place gradient: the training path
+
+
+def _tp2_cross_entropy(rank, world_size, logits, labels, grad_loss):
+    from megatron.core import tensor_parallel
+
+    from megatron_anchor import runtime
+    from megatron_anchor.model import vocab_parallel_cross_entropy
+
+    runtime.initialize(world_size, 1, cpu=True, seed=1)
+    try:
+        half = logits.shape[1] // world_size
+        shard = logits[:, rank * half:(rank + 1) * half]
+        ours_in, ref_in = shard.clone().requires_grad_(), shard.clone().requires_grad_()
+        ours = vocab_parallel_cross_entropy(ours_in, labels, chunk_elements=5 * half)
+        ours.backward(grad_loss)
+        ref = tensor_parallel.vocab_parallel_cross_entropy(ref_in[:, None], labels[:, None])[:, 0]
+        ref.backward(grad_loss)
+        return [float((ours - ref).abs().max()), float((ours_in.grad - ref_in.grad).abs().max())]
+    finally:
+        runtime.destroy()
+
+
+@pytest.mark.distributed
+def test_chunked_cross_entropy_equals_megatrons_at_tp2():
+    from megatron_anchor.testing import run_on_ranks
+
+    g = torch.Generator().manual_seed(1)
+    logits, labels = 3 * torch.randn(23, 256, generator=g), torch.randint(0, 256, (23,), generator=g)
+    for loss_diff, grad_diff in run_on_ranks(_tp2_cross_entropy, 2, logits, labels,
+                                             torch.rand(23, generator=g)):
+        assert loss_diff < 1e-5 and grad_diff < 1e-6

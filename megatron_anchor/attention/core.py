@@ -16,7 +16,7 @@ from typing import Optional
 from megatron.core import parallel_state
 from megatron.core.transformer.module import MegatronModule
 
-from megatron_anchor.attention.local import packed_causal_attention
+from megatron_anchor.attention.local import local_plan, packed_causal_attention
 from megatron_anchor.rope import apply_rope, rope_cos_sin
 
 
@@ -92,7 +92,8 @@ class LocalAnchorAttention(MegatronModule):
             raise ValueError("AnchorAttention does not take an attention bias")
         query, key = rotate_query_key(query, key, packed_seq_params, self.rotary_base,
                                       self.rope_fp32, self.rope_scaling)
+        cp_group = self._context_parallel_group()
         out = packed_causal_attention(
             query, key, value, packed_seq_params.cu_seqlens_q, self.softmax_scale,
-            cp_group=self._context_parallel_group())
+            cp_group=cp_group, plan=local_plan(packed_seq_params, query, cp_group))
         return out.reshape(out.shape[0], -1)
