@@ -315,8 +315,9 @@ def _sdpa(q, k, v, bucket: _Bucket, scale):
     """One SDPA call on [n, H, L, D] views, in the formulation the bucket asks for."""
     gqa = q.shape[1] != k.shape[1]
     if gqa and q.is_cuda and (bucket.kind != "causal" or q.dtype == torch.float32):
-        # The kernels these calls reach on CUDA (memory-efficient, lower-right bias, FP32)
-        # have no GQA; SDPA would drop to the S² math path instead.
+        # What these calls reach on CUDA may not take enable_gqa (the memory-efficient kernel,
+        # FP32; torch's lower-right bias drops the flag), and SDPA would then fall back to
+        # its S² math path: repeat the K/V heads instead.
         groups = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         gqa = False
