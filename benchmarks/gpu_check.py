@@ -18,7 +18,8 @@ only); the JSON is rewritten after every stage, and a stage's partial results ar
 it is cut off, so a run that ends early still returns what it measured:
 
   env        versions, GPU, SDPA backend flags/choices, `te_smoke.py --require-fused`
-             (TE is dropped for the later stages when it fails; its FAIL line is recorded)
+             (TE is dropped for the later stages when it fails, import and all, so that
+             Megatron-Core's non-TE fallbacks run; its FAIL line is recorded)
   ceilings   bf16 8192^3 matmul and a device-to-device copy (MFU against what the chip
              does, next to the 989 TFLOP/s datasheet peak)
   exactness  `local`, `varlen` and `te` (if it loaded) on CUDA against the FP64 reference:
@@ -55,6 +56,11 @@ import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)  # the sibling benchmarks (attention.py, train_step.py)
+if os.environ.get("GPU_CHECK_WITHOUT_TE") == "1":
+    # TE failed its smoke test: make `import transformer_engine` fail in this process, so
+    # Megatron-Core falls back to its non-TE code (its optimizer would otherwise pick TE's
+    # FusedAdam, whose kernels are the ones that did not run).
+    sys.modules["transformer_engine"] = None
 
 # (name, seconds) in order; each stage also stops at the overall budget.
 STAGES = [("env", 75), ("ceilings", 40), ("exactness", 100), ("attention", 110),
@@ -671,10 +677,13 @@ def main(argv=None):
         print(f"== stage {name} (deadline {limit:.0f} s)", flush=True)
         t0 = time.time()
         status, error = "ok", None
+        env = dict(os.environ)
+        if name != "env" and not ctx["te_ok"]:
+            env["GPU_CHECK_WITHOUT_TE"] = "1"
         try:
             proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--stage", name,
                                    "--ctx", ctx_path, "--result", result_path],
-                                  timeout=limit, stderr=subprocess.PIPE, text=True)
+                                  timeout=limit, stderr=subprocess.PIPE, text=True, env=env)
             if proc.returncode != 0:
                 status, error = "failed", proc.stderr[-3000:]
             elif proc.stderr.strip():

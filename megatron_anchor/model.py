@@ -208,8 +208,9 @@ def build_model(cfg: ModelConfig, use_cpu_initialization: Optional[bool] = None,
     return model.bfloat16() if cfg.bf16 else model
 
 
-# FP32 elements of one cross-entropy chunk: 2**26 is 256 MiB, 512 tokens of a 128K vocabulary.
-CROSS_ENTROPY_CHUNK_ELEMENTS = 2 ** 26
+# FP32 elements of one cross-entropy chunk: 2**25 is 128 MiB, 256 tokens of a 128K vocabulary
+# (each chunk holds about two such FP32 temporaries; 64 MiB of BF16 logits per chunk).
+CROSS_ENTROPY_CHUNK_ELEMENTS = 2 ** 25
 
 
 def _local_targets(target, start, end):

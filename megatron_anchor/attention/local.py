@@ -43,8 +43,12 @@ from torch.nn.attention.bias import causal_lower_right
 from megatron_anchor.layout import check_cp_divisibility, cp_chunk_ranges, cp_partition_indices
 
 # A bucket accepts a smaller query sequence while its padded cost stays within this factor
-# of the real cost; larger saves kernel launches, smaller saves padded FLOPs.
+# of the real cost; larger saves kernel launches, smaller saves padded FLOPs. On the CPU a
+# call costs tens of microseconds and a padded FLOP as much as a real one, so only
+# sequences of equal size share a call (benchmarks/attention.py's `alone` case is the
+# one-call-per-segment floor this stays close to).
 PADDED_COST_SLACK = 1.15
+CPU_PADDED_COST_SLACK = 1.0
 
 # Kernels for masked calls on CUDA: not cuDNN (pytorch#196678, see the module docstring).
 _MASKED_CUDA_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
@@ -151,14 +155,17 @@ def cp_gather_positions(bounds: List[int], cp_size: int) -> torch.Tensor:
 def plan_attention(cu_seqlens: torch.Tensor, cp_size: int = 1, cp_rank: int = 0,
                    device=None, dtype: torch.dtype = torch.float32,
                    cuda_kernels: Optional[bool] = None,
-                   slack: float = PADDED_COST_SLACK) -> AttentionPlan:
+                   slack: Optional[float] = None) -> AttentionPlan:
     """The bucket plan of a batch (host work; one device copy of each index tensor).
 
     `cuda_kernels` (default: whether `device` is CUDA) picks the formulation without boolean
-    masks; tests run it on the CPU too. `dtype` is that of q (for additive masks).
+    masks; tests run it on the CPU too. `dtype` is that of q (for additive masks). `slack`
+    defaults to the formulation's (`PADDED_COST_SLACK`, `CPU_PADDED_COST_SLACK`).
     """
     device = torch.device(device if device is not None else "cpu")
     cuda = device.type == "cuda" if cuda_kernels is None else bool(cuda_kernels)
+    if slack is None:
+        slack = PADDED_COST_SLACK if cuda else CPU_PADDED_COST_SLACK
     bounds = host_bounds(cu_seqlens)
     check_cp_divisibility(torch.tensor(bounds), cp_size)
     total = bounds[-1]
@@ -308,8 +315,9 @@ def _sdpa(q, k, v, bucket: _Bucket, scale):
     """One SDPA call on [n, H, L, D] views, in the formulation the bucket asks for."""
     gqa = q.shape[1] != k.shape[1]
     if gqa and q.is_cuda and (bucket.kind != "causal" or q.dtype == torch.float32):
-        # The kernels these calls reach on CUDA (memory-efficient, lower-right bias, FP32)
-        # have no GQA; SDPA would drop to the S² math path instead.
+        # What these calls reach on CUDA may not take enable_gqa (the memory-efficient kernel,
+        # FP32; torch's lower-right bias drops the flag), and SDPA would then fall back to
+        # its S² math path: repeat the K/V heads instead.
         groups = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         gqa = False

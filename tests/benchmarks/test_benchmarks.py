@@ -58,7 +58,7 @@ def test_gpu_check_header_says_how_to_run_it_on_the_device():
     with open(os.path.join(BENCH, "gpu_check.sh")) as f:
         script = f.read()
     # TE's wheels go into one pip --target command (shared/gpu/README.md).
-    install = [line for line in script.splitlines() if "pip install" in line]
+    install = [line for line in script.splitlines() if line.lstrip().startswith("python3 -m pip install")]
     assert len(install) == 1 and "--target /tmp/site" in install[0]
     assert "$G/te/*.whl $G/pydantic/*.whl" in script and "megatron_core-0.19.2" in script
     assert "PYTHONPATH=/tmp/site:$PWD" in script and "NVTE_FRAMEWORK=pytorch" in script
