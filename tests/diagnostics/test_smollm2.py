@@ -9,6 +9,9 @@ import torch
 from megatron_anchor.diagnostics.reference_llama import Precision, ReferenceLlama
 from megatron_anchor.diagnostics.smollm2 import perplexity, permute_rope_rows
 
+# SmolLM2-135M (GGUF read, 30-layer forwards on CPU).
+pytestmark = pytest.mark.slow
+
 
 def test_config_from_metadata(smollm2):
     cfg = smollm2.config
