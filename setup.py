@@ -1,5 +1,8 @@
 """megatron-anchor: AnchorAttention for long-context continued pretraining on Megatron-Core."""
 
+import glob
+import os
+
 from setuptools import find_packages, setup
 
 CONSOLE_SCRIPTS = [
@@ -15,6 +18,10 @@ CONSOLE_SCRIPTS = [
     "megatron-anchor-convert = megatron_anchor.cli.convert_checkpoint:main",
     "megatron-anchor-eval = megatron_anchor.cli.eval_long_context:main",
 ]
+
+def _files(pattern):
+    return sorted(f for f in glob.glob(pattern) if os.path.isfile(f))
+
 
 setup(
     name="megatron-anchor",
@@ -59,4 +66,10 @@ setup(
                 "transformers>=5", "accelerate>=0.26"],
     },
     entry_points={"console_scripts": CONSOLE_SCRIPTS},
+    # The default job (examples/run_default.sh) and the launch scripts call tools/*.py next to
+    # them: a wheel without both leaves its users no way to run them. They land in
+    # <prefix>/share/megatron-anchor/ (sysconfig's "data" path), where run_default.sh finds
+    # ../tools as in a checkout. MANIFEST.in puts them in the sdist the wheel is built from.
+    data_files=[("share/megatron-anchor/examples", _files("examples/*")),
+                ("share/megatron-anchor/tools", _files("tools/*.py"))],
 )

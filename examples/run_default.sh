@@ -8,7 +8,8 @@
 #
 #   bash examples/run_default.sh [WORKDIR] [extra pretrain flags...]
 #
-# Environment: TRAIN_ITERS (default 600), SEQ_LENGTH (1024), NPROC (1).
+# Environment: TRAIN_ITERS (default 600), SEQ_LENGTH (1024), NPROC (1). The LR warmup is 30
+# steps, TRAIN_ITERS/20 for runs shorter than 600 (the trainer wants it below TRAIN_ITERS).
 set -euo pipefail
 
 WORKDIR=${1:-runs/default}
@@ -16,6 +17,7 @@ shift || true
 TRAIN_ITERS=${TRAIN_ITERS:-600}
 SEQ_LENGTH=${SEQ_LENGTH:-1024}
 NPROC=${NPROC:-1}
+WARMUP_ITERS=$(( TRAIN_ITERS / 20 < 30 ? TRAIN_ITERS / 20 : 30 ))
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}"
 # One BLAS/OpenMP thread per core, never more threads than cores.
@@ -53,7 +55,7 @@ exec torchrun --standalone --nproc-per-node "$NPROC" -m megatron_anchor.training
   --num-layers 4 --hidden-size 256 --ffn-hidden-size 704 \
   --num-attention-heads 4 --num-query-groups 2 --rotary-base 10000 \
   --seq-length "$SEQ_LENGTH" --micro-batch-size 1 --global-batch-size 2 \
-  --lr 2e-3 --min-lr 2e-4 --lr-decay-style cosine --lr-warmup-iters 30 \
+  --lr 2e-3 --min-lr 2e-4 --lr-decay-style cosine --lr-warmup-iters "$WARMUP_ITERS" \
   --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0 \
   --train-iters "$TRAIN_ITERS" --log-interval 20 \
   --eval-interval 100 --eval-iters 8 \

@@ -11,19 +11,16 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def smol(tmp_path_factory, megatron_cpu):
+def smol(tmp_path_factory, megatron_cpu, smollm2, real_text_tokens):
     from transformers import AutoModelForCausalLM
 
     from megatron_anchor.convert.smollm2 import smollm2_hf_dir
-    from megatron_anchor.convert.reference import default_validation_tokens
-    from megatron_anchor.convert.gguf import load_smollm2
 
     folder = smollm2_hf_dir(str(tmp_path_factory.mktemp("smollm2-hf")))
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
                                               attn_implementation="eager").eval()
-    gguf = load_smollm2()
-    tokens, _ = default_validation_tokens(gguf.tokenizer, 256)
-    tokens = torch.cat([torch.tensor([gguf.bos_token_id]), tokens[:255]])
+    gguf = smollm2  # the session's GGUF read (tests/conftest.py), shared with the diagnostics
+    tokens = torch.cat([torch.tensor([gguf.bos_token_id]), real_text_tokens[:255]])
     with torch.no_grad():
         ref = hf(input_ids=tokens[None]).logits[0].float()
     return folder, hf, gguf, tokens, ref

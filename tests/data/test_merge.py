@@ -2,7 +2,7 @@
 
 import json
 
-from data_helpers import (
+from tests.data.data_helpers import (
     assert_one_line_error,
     null_tokenizer,
     preprocess,

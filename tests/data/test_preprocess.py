@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from data_helpers import (
+from tests.data.data_helpers import (
     assert_one_line_error,
     build_null_dataset,
     doc_tokens,

@@ -6,7 +6,7 @@ import statistics
 import pytest
 
 import megatron_anchor.data.sample_corpus as sc
-from data_helpers import assert_one_line_error, read_bytes
+from tests.data.data_helpers import assert_one_line_error, read_bytes
 from megatron_anchor.cli.build_sample_corpus import main
 
 SMALL = ["--max-bytes", "300000", "--max-document-bytes", "200000"]

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from data_helpers import build_null_dataset
+from tests.data.data_helpers import build_null_dataset
 from megatron_anchor.cli.dataset_stats import main
 from megatron_anchor.data.stats import length_histogram
 

@@ -3,7 +3,7 @@
 import json
 import random
 
-from data_helpers import read_bytes, write_jsonl
+from tests.data.data_helpers import read_bytes, write_jsonl
 from megatron_anchor.cli.train_tokenizer import main
 
 
@@ -33,7 +33,7 @@ def test_training_is_deterministic_with_special_tokens(tmp_path):
 
 
 def test_bad_line_is_one_line_naming_file_and_line(tmp_path, capsys):
-    from data_helpers import assert_one_line_error, run_main
+    from tests.data.data_helpers import assert_one_line_error, run_main
 
     corpus = write_jsonl(tmp_path / "c.jsonl", [{"text": "fine"}, b'{"text": broken'])
     status, _, err = run_main(main, ["--input", corpus, "--output", tmp_path / "t.json"], capsys)

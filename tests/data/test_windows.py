@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from data_helpers import build_null_dataset, doc_tokens, lengths_rng
+from tests.data.data_helpers import build_null_dataset, doc_tokens, lengths_rng
 from megatron_anchor.data.indexed import DatasetError
 from megatron_anchor.data.windows import (
     WindowConfig,

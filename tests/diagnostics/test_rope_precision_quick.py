@@ -22,6 +22,7 @@ def quick_run(tmp_path_factory, smollm2):
     return out, json.loads((out / "s.json").read_text())
 
 
+@pytest.mark.slow
 def test_outputs_written(quick_run):
     out, summary = quick_run
     assert (out / "rope_precision.png").stat().st_size > 10_000
@@ -31,6 +32,7 @@ def test_outputs_written(quick_run):
     assert summary["seq_length"] == 512
 
 
+@pytest.mark.slow
 def test_bf16_breaks_shift_invariance_fp32_does_not(quick_run):
     f = quick_run[1]["findings"]
     # Measured (L=512): D 16 in BF16 vs 1.0e-3 in FP32 (ratio 1.6e4).
@@ -43,12 +45,14 @@ def test_bf16_breaks_shift_invariance_fp32_does_not(quick_run):
     assert f["rotation_share_of_bf16_D"] < 0.5
 
 
+@pytest.mark.slow
 def test_key0_carries_a_disproportionate_share(quick_run):
     f = quick_run[1]["findings"]
     # Measured 3.25% of D on key 0 vs a uniform 1/512 = 0.195% (17x).
     assert f["bf16-pretrained"]["key0_share_shift0"] >= 10 * f["uniform_key_share"]
 
 
+@pytest.mark.slow
 def test_first_token_logit_difference(quick_run):
     summary = quick_run[1]
     by_setting = summary["first_token_vs_length"]
@@ -59,6 +63,7 @@ def test_first_token_logit_difference(quick_run):
     assert bf16[-1] > 1.1 * bf16[0]
 
 
+@pytest.mark.slow
 def test_document_masked_layouts_measured(quick_run):
     layouts = quick_run[1]["findings"]["layouts"]["bf16-pretrained"]
     assert set(layouts) == {"full", "intra-doc", "anchor"}

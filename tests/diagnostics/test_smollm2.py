@@ -10,6 +10,9 @@ from megatron_anchor.convert.reference_llama import Precision, ReferenceLlama
 from megatron_anchor.convert.gguf import permute_rope_rows
 from megatron_anchor.convert.reference_llama import perplexity
 
+# SmolLM2-135M (GGUF read, 30-layer forwards on CPU).
+pytestmark = pytest.mark.slow
+
 
 def test_config_from_metadata(smollm2):
     cfg = smollm2.config

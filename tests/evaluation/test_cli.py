@@ -52,6 +52,7 @@ def tp1_result(tiny_run, tmp_path_factory):
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow
 def test_quick_run_writes_table_json_and_plots(tiny_run, tmp_path):
     out, plots = tmp_path / "q.json", tmp_path / "plots"
     code, stdout, stderr = _run(["--load", tiny_run, "--quick", "--last-checkpoints", "2",
@@ -75,6 +76,7 @@ def test_quick_run_writes_table_json_and_plots(tiny_run, tmp_path):
     assert all((plots / f).stat().st_size > 1000 for f in os.listdir(plots))
 
 
+@pytest.mark.slow
 def test_bf16_evaluates_an_fp32_checkpoint_in_bf16(tiny_run, tmp_path):
     """--bf16 overrides the checkpoint's precision (checkpoints compared in one precision)."""
     out = tmp_path / "bf16.json"

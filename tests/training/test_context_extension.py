@@ -47,6 +47,7 @@ def workdir(megatron_cpu, byte_corpus, tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_summary_reads_what_the_tools_wrote(workdir, tmp_path, capsys):
     summary = _summary_module()
     training = summary.training_summary(str(workdir))

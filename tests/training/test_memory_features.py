@@ -128,7 +128,11 @@ def _train(rank, world_size, argv):
 
 @pytest.mark.distributed
 def test_distributed_optimizer_matches_plain_and_resumes_exactly(byte_corpus, tmp_path):
-    argv = tiny_argv(byte_corpus, "--train-iters", "4")
+    # No gradient clipping: the norm of sharded gradients is summed in another order than the
+    # full one (FP32: measured 1.9214534 vs 1.9214533), so clipped updates, and losses after
+    # them, may differ in the last bit (they did at step 4 on megatron-core 0.19.2); without
+    # clipping the sharded update is the same arithmetic, and bit-for-bit holds.
+    argv = tiny_argv(byte_corpus, "--train-iters", "4", "--clip-grad", "0")
     plain = run_on_ranks(_train, 2, argv)
     half = str(tmp_path / "half")
     sharded = argv + ["--use-distributed-optimizer", "--save", half]

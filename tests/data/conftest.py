@@ -1,6 +1,0 @@
-"""Make `data_helpers` importable whatever pytest's import mode."""
-
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
