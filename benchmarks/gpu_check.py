@@ -65,7 +65,7 @@ if os.environ.get("GPU_CHECK_WITHOUT_TE") == "1":
 # (name, seconds) in order; each stage also stops at the overall budget.
 STAGES = [("env", 75), ("ceilings", 40), ("exactness", 100), ("attention", 110),
           ("train", 170), ("pretrain", 120)]
-BF16_TOLERANCE = 2.5e-2   # DESIGN §3: TE's own BF16 tolerance
+BF16_TOLERANCE = 2.5e-2   # docs/design.md §3: TE's own BF16 tolerance
 FP32_TOLERANCE = 1e-4
 DATASHEET_TFLOPS = 989.0  # H100/H200 SXM dense BF16
 
@@ -506,7 +506,7 @@ PRETRAIN_ARGV = [
     "--no-bias-swiglu-fusion", "--no-rope-fusion", "--bf16",
     "--tokenizer-type", "NullTokenizer", "--vocab-size", "300", "--lr", "1e-4",
     "--train-iters", "5", "--log-interval", "1", "--eval-iters", "0", "--split", "100,0,0",
-    "--dataloader-type", "external", "--anchor-variant", "anchor", "--anchor-token-id", "1",
+    "--dataloader-type", "external", "--attention-variant", "anchor", "--anchor-token-id", "1",
     "--no-persist-layer-norm",
 ]
 
@@ -529,48 +529,22 @@ def stage_pretrain(ctx, report):
     lines = (proc.stdout + proc.stderr).splitlines()
     iterations = [line.strip() for line in lines if "iteration" in line and "lm loss" in line]
     out = {"returncode": proc.returncode, "seconds": time.perf_counter() - started,
-           "iterations": iterations, "argv": argv, "tail": lines[-25:],
-           "note": "the WindowDatasets are wrapped as iterators for --dataloader-type external "
-                   "(gpu_check._WindowIterator); megatron_lm's provider returns map-style datasets"}
+           "iterations": iterations, "argv": argv, "tail": lines[-25:]}
     report(out)
     return out
 
 
-class _WindowIterator:
-    """Megatron-LM's `--dataloader-type external` hands the dataset to forward_step as its
-    data iterator, so the provider's datasets must be iterators: this one yields the
-    windows in order (one per micro-batch), cycling."""
-
-    def __init__(self, dataset):
-        self.dataset, self.position = dataset, 0
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        window = self.dataset[self.position % len(self.dataset)]
-        self.position += 1
-        return window
-
-    def __len__(self):
-        return len(self.dataset)
-
-
 def pretrain_child(argv):
-    """Megatron-LM's pretrain() with our spec, model provider and forward step; the
-    dataset provider's WindowDatasets wrapped as iterators (see _WindowIterator)."""
+    """Megatron-LM's pretrain() with our spec, model provider, dataset provider (this rank's
+    micro-batch iterators, for --dataloader-type external) and forward step."""
     from megatron.core.enums import ModelType
     from megatron.training import pretrain
 
     from megatron_anchor.training import megatron_lm
 
-    def datasets_provider(num_samples):
-        return tuple(None if d is None else _WindowIterator(d)
-                     for d in megatron_lm.train_valid_test_datasets_provider(num_samples))
-
-    datasets_provider.is_distributed = True
+    megatron_lm.train_valid_test_datasets_provider.is_distributed = True
     sys.argv = [sys.argv[0], *argv]
-    pretrain(datasets_provider, megatron_lm.model_provider, ModelType.encoder_or_decoder,
+    pretrain(megatron_lm.train_valid_test_datasets_provider, megatron_lm.model_provider, ModelType.encoder_or_decoder,
              megatron_lm.forward_step, extra_args_provider=megatron_lm.add_anchor_args)
 
 

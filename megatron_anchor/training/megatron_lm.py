@@ -7,7 +7,9 @@ Megatron-LM's trainer with three pieces from here:
 * the layer spec: ``--spec megatron_anchor.megatron_lm_spec anchor_layer_spec --position-embedding-type none``
   (RoPE is applied by our core attention at window positions; Megatron's own would restart
   per segment);
-* `train_valid_test_datasets_provider`: our document-aware window packer (`WindowDataset`);
+* `train_valid_test_datasets_provider`: our document-aware window packer (`WindowDataset`),
+  served as this data-parallel rank's micro-batches in Megatron's sample order
+  (`MicroBatchIterator`, for ``--dataloader-type external``);
 * `forward_step`: builds `AnchorPackedSeqParams` from the packed batch and returns the
   per-token-loss contract Megatron-LM expects (use ``--calculate-per-token-loss``).
 
@@ -30,8 +32,10 @@ checkout)::
         --calculate-per-token-loss --micro-batch-size 1 --dataloader-type external ... \
         --attention-variant anchor --anchor-token-id 1
 
-`--micro-batch-size` must be 1 (a micro-batch is one THD sequence); the data iterator yields
-`PackedBatch`es (collated windows) directly. Megatron-LM's `--seq-length` is the window.
+`--dataloader-type external`: Megatron-LM then hands the provider's objects to `forward_step`
+as its data iterators (Megatron's own DataLoader cannot collate packed windows). A
+micro-batch of `--micro-batch-size` windows is collated into one THD sequence.
+Megatron-LM's `--seq-length` is the window.
 
 Nothing here imports `megatron.training` at import time, so this module is importable (and its
 batch logic testable) with megatron-core alone.
@@ -180,25 +184,61 @@ def window_config_from_args(args, split_name: str, num_samples: int):
                         index_cache_dir=getattr(args, "data_cache_path", None))
 
 
+class MicroBatchIterator:
+    """One data-parallel rank's micro-batches of a window dataset, in Megatron's sample order.
+
+    As Megatron-LM's `MegatronPretrainingSampler`: the samples from `consumed_samples` on are
+    taken m·dp at a time (m = micro-batch size), and this rank gets its m of them. Each item
+    is a list of m `PackedBatch` windows (`forward_step` collates them). `cyclic` wraps around
+    (validation and test, which Megatron reads again at every evaluation); otherwise the
+    iterator ends with the dataset.
+    """
+
+    def __init__(self, dataset, micro_batch_size: int, dp_rank: int, dp_size: int,
+                 consumed_samples: int = 0, cyclic: bool = False):
+        self.dataset, self.micro_batch_size = dataset, micro_batch_size
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.consumed_samples, self.cyclic = consumed_samples, cyclic
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> list:
+        m, total = self.micro_batch_size, len(self.dataset)
+        start = self.consumed_samples + self.dp_rank * m
+        if not self.cyclic and self.consumed_samples + m * self.dp_size > total:
+            raise StopIteration
+        self.consumed_samples += m * self.dp_size
+        return [self.dataset[i % total] for i in range(start, start + m)]
+
+
 def train_valid_test_datasets_provider(train_val_test_num_samples):
-    """Megatron-LM dataset provider: `WindowDataset`s of each split (None if empty)."""
+    """Megatron-LM dataset provider: each split's `WindowDataset` as this rank's
+    `MicroBatchIterator` (None for an empty split), resuming at Megatron's consumed samples."""
     _require_megatron_lm()
+    from megatron.core import parallel_state
     from megatron.training import get_args
 
     from megatron_anchor.data.indexed import DatasetError
     from megatron_anchor.data.windows import WindowDataset
 
     args = get_args()
-    datasets = []
+    consumed = {"train": getattr(args, "consumed_train_samples", 0) or 0,
+                "valid": getattr(args, "consumed_valid_samples", 0) or 0, "test": 0}
+    iterators = []
     for name, count in zip(("train", "valid", "test"), train_val_test_num_samples):
         try:
-            datasets.append(WindowDataset(args.data_path, window_config_from_args(args, name, count))
-                            if count else None)
+            dataset = (WindowDataset(args.data_path, window_config_from_args(args, name, count))
+                       if count else None)
         except DatasetError:
             if name == "train":
                 raise
-            datasets.append(None)
-    return tuple(datasets)
+            dataset = None
+        iterators.append(None if dataset is None else MicroBatchIterator(
+            dataset, args.micro_batch_size, parallel_state.get_data_parallel_rank(),
+            parallel_state.get_data_parallel_world_size(), consumed[name],
+            cyclic=name != "train"))
+    return tuple(iterators)
 
 
 def get_batch(data_iterator, cp_size: int, cp_rank: int, device) -> PackedBatch:

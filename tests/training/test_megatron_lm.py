@@ -95,8 +95,10 @@ def test_megatron_lm_spec_dataset_and_forward_step(megatron_cpu, byte_corpus, mo
     assert spec.submodules.self_attention.submodules.core_attention.module is LocalAnchorAttention
     model = megatron_lm.model_provider()
     train, valid, test = megatron_lm.train_valid_test_datasets_provider([4, 2, 0])
-    assert len(train) == 4 and len(valid) == 2 and test is None
-    windows = [train[0], train[1]]
+    assert len(train.dataset) == 4 and len(valid.dataset) == 2 and test is None
+    windows = next(train) + next(train)  # micro-batches of 1 window, DP=1
+    assert [w.tokens.tolist() for w in windows] == \
+        [train.dataset[i].tokens.tolist() for i in (0, 1)]
     assert all(w.tokens.numel() == 256 for w in windows)
 
     loss, reduce = megatron_lm.forward_step(iter([windows]), model)
@@ -105,3 +107,15 @@ def test_megatron_lm_spec_dataset_and_forward_step(megatron_cpu, byte_corpus, mo
     _, expected = forward_packed(model, batch, return_logits=False)
     assert int(num_tokens) == int(batch.loss_mask.sum()) > 0
     torch.testing.assert_close(loss_sum.detach(), (expected * batch.loss_mask).sum().detach())
+
+
+def test_micro_batch_iterator_follows_megatrons_sampler_order():
+    """Each DP rank gets its m samples of every m·dp (MegatronPretrainingSampler's order),
+    resumes at the consumed samples, and a train iterator ends with its dataset."""
+    samples = list(range(12))
+    ranks = [megatron_lm.MicroBatchIterator(samples, 2, rank, 2) for rank in range(2)]
+    assert [next(ranks[0]), next(ranks[1]), next(ranks[0])] == [[0, 1], [2, 3], [4, 5]]
+    resumed = megatron_lm.MicroBatchIterator(samples, 2, 1, 2, consumed_samples=8)
+    assert list(resumed) == [[10, 11]]
+    cyclic = megatron_lm.MicroBatchIterator(samples[:3], 2, 0, 1, cyclic=True)
+    assert [next(cyclic) for _ in range(3)] == [[0, 1], [2, 0], [1, 2]]
