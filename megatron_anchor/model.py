@@ -293,9 +293,10 @@ def forward_packed(model, batch: PackedBatch, return_logits: bool = True):
     FP32 copy of them, so a 32K x 128K-vocabulary step holds one [T, V/tp] tensor, and
     without `return_logits` its gradient is written over it.
     """
+    # The positions reach the core attention once, inside `params`; the model's own
+    # position argument feeds only Megatron's position embeddings, of which it has none.
     params = packed_seq_params(batch)
-    logits = model(batch.tokens[None], batch.position_ids[None], None,
-                   packed_seq_params=params)[0]  # [T, V/tp]
+    logits = model(batch.tokens[None], None, None, packed_seq_params=params)[0]  # [T, V/tp]
     loss = vocab_parallel_cross_entropy(logits, batch.labels,
                                         grad_in_place=not return_logits)
     return (logits if return_logits else None), loss
