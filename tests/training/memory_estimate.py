@@ -13,8 +13,9 @@ BF16 mixed precision as Megatron-Core runs it, per rank:
   SwiGLU: 2 bytes for every stored activation element); with full recomputation a layer keeps
   only its input, ``2·s·h / TP``, and one layer at a time is rebuilt in the backward;
   selective recomputation (core attention) saves nothing more once flash attention is used;
-* the output layer: BF16 logits and the FP32 copy the cross entropy works on,
-  ``6·s·V / TP`` bytes.
+* the output layer: the BF16 logits, ``2·s·V / TP`` bytes, whose gradient the cross entropy
+  writes in place (`model.vocab_parallel_cross_entropy`), plus its FP32 working chunk
+  (two tensors of `CROSS_ENTROPY_CHUNK_ELEMENTS`).
 
 It is an estimate (no allocator fragmentation, no communication buffers, no TE workspaces);
 leave ~10 GB of an 80 GB GPU for those.
@@ -25,7 +26,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Optional
 
+from megatron_anchor.model import CROSS_ENTROPY_CHUNK_ELEMENTS
+
 GB = 1e9
+
+# The cross entropy's FP32 working set: one upcast chunk of the logits and its exponentials.
+CROSS_ENTROPY_WORKSPACE = 2 * 4.0 * CROSS_ENTROPY_CHUNK_ELEMENTS
 
 
 @dataclass(frozen=True)
@@ -108,7 +114,7 @@ def estimate(arch: Architecture, seq_length: int, tp: int, cp: int, dp: int = 1,
         activations_per_layer=per_layer,
         activations_all_layers=per_layer * arch.num_layers,
         recompute_working_layer=working,
-        logits=6.0 * tokens * arch.vocab_size / tp,
+        logits=2.0 * tokens * arch.vocab_size / tp + CROSS_ENTROPY_WORKSPACE,
     )
 
 

@@ -164,6 +164,7 @@ def test_7b_128k_scripts_fit_one_node_with_recompute_and_distributed_optimizer(s
 
 
 def test_memory_estimate_by_hand():
+    from megatron_anchor.model import CROSS_ENTROPY_CHUNK_ELEMENTS
     from tests.training.memory_estimate import Architecture, estimate
 
     arch = Architecture(num_layers=2, hidden_size=8, num_attention_heads=2, num_query_groups=1,
@@ -175,6 +176,7 @@ def test_memory_estimate_by_hand():
     assert e.weights == 2 * 852 and e.gradients == 4 * 852 and e.optimizer == 12 * 852 / 4
     # 50 tokens per CP rank; stored per token: 2h + (h + 2kv) + h + h + 2h + 4f = 128 elements
     assert e.recompute_working_layer == 2 * 128 * 50 / 2
-    assert e.activations_per_layer == 2 * 50 * 8 / 2 and e.logits == 6 * 50 * 32 / 2
+    assert e.activations_per_layer == 2 * 50 * 8 / 2
+    assert e.logits == 2 * 50 * 32 / 2 + 2 * 4 * CROSS_ENTROPY_CHUNK_ELEMENTS
     plain = estimate(arch, seq_length=100, tp=2, cp=2, dp=2)
     assert plain.activations_per_layer == e.recompute_working_layer and plain.optimizer == 12 * 852
