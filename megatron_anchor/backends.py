@@ -21,11 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from megatron_anchor.errors import UserError
-
-
-class BackendError(UserError):
-    """A backend that is unknown, not installed, or asked for an option it does not support."""
+# Defined beside the attention modules (they raise it too); callers use backends.BackendError.
+from megatron_anchor.attention import BackendError  # noqa: F401
 
 
 def _local_core_attention():

@@ -46,7 +46,7 @@ from megatron_anchor.attention.local import (
     batch_plan, cp_gather_positions, cp_size_and_rank, gather_cp, host_bounds, host_cu_seqlens,
     query_sequences,
 )
-from megatron_anchor.backends import BackendError
+from megatron_anchor.attention import BackendError
 from megatron_anchor.layout import check_cp_divisibility
 
 KERNEL_DTYPES = (torch.bfloat16, torch.float16)

@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     system.add_argument("--cpu", action="store_true",
                         help="run on CPU over gloo (automatic when no GPU is visible)")
     system.add_argument("--attention-backend", choices=BACKEND_NAMES, default="local",
-                        help="core attention: pure-PyTorch local, or Transformer Engine (GPU)")
+                        help="core attention: pure-PyTorch local, Transformer Engine te (GPU), or "
+                             "torch's varlen_attn (GPU)")
     system.add_argument("--cp-comm-type", choices=CP_COMM_TYPES, default="p2p",
                         help="Transformer Engine's CP communication (te backend); the local "
                              "backend always all-gathers K/V")

@@ -171,7 +171,8 @@ def _anchor_args(parser):
                    help="anchor variant: put each document's domain name (tokenized) after its "
                         "anchor; tag tokens are never loss targets")
     g.add_argument("--attention-backend", choices=BACKEND_NAMES, default="local",
-                   help="local: pure PyTorch (CPU/GPU); te: Transformer Engine THD (GPU)")
+                   help="local: pure PyTorch (CPU/GPU); te: Transformer Engine THD (GPU); "
+                        "varlen: torch's varlen_attn, FlashAttention-2 (GPU, no TE needed)")
     g.add_argument("--cp-comm-type", default="p2p", choices=CP_COMM_TYPES,
                    help="Transformer Engine context-parallel communication")
     g.add_argument("--rope-bf16", action="store_true",
