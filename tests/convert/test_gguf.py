@@ -6,9 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_anchor.convert.reference_llama import Precision, ReferenceLlama
 from megatron_anchor.convert.gguf import permute_rope_rows
-from megatron_anchor.convert.reference_llama import perplexity
+from megatron_anchor.convert.reference_llama import Precision, ReferenceLlama, perplexity
 
 # SmolLM2-135M (GGUF read, 30-layer forwards on CPU).
 pytestmark = pytest.mark.slow
