@@ -659,6 +659,13 @@ class _PeerFailureWatch:
                 message = "another rank's save failed"
             print(f"megatron-anchor: error (rank {runtime.rank()}): {message}",
                   file=sys.stderr, flush=True)
+            # os._exit runs no finalizers: end the helper processes ourselves (the results
+            # queue manager dist_checkpointing spawned), or they outlive the job's rank.
+            import multiprocessing
+
+            for child in multiprocessing.active_children():
+                with contextlib.suppress(Exception):
+                    child.kill()
             os._exit(2)
 
 

@@ -282,3 +282,17 @@ def test_apply_retention_deletes_only_what_the_rule_drops(megatron_cpu, tmp_path
     # kept: 4 (the tracker's), 6 (the newest up to 6), 8 (after 6: not this rule's to judge)
     assert sorted(os.listdir(root)) == ["iter_0000004", "iter_0000006", "iter_0000008",
                                         checkpoint.TRACKER_FILE]
+
+
+def test_a_save_that_cannot_fit_is_refused_before_writing(two_saves, monkeypatch):
+    """Rank 0 compares the free space with the previous checkpoint's size first."""
+    class Full:
+        f_bavail, f_frsize = 10, 4096  # 40 KiB free
+
+    monkeypatch.setattr(checkpoint.os, "statvfs", lambda path: Full())
+    before = sorted(os.listdir(two_saves))
+    with pytest.raises(checkpoint.CheckpointError, match=r"cannot save iteration 30 to .*: "
+                       r"0.0 MiB free on its file system, and the previous checkpoint "
+                       r".*iter_0000020 took .* MiB: free some space"):
+        checkpoint.save_model(build_model(CFG), CFG, two_saves, iteration=30)
+    assert sorted(os.listdir(two_saves)) == before

@@ -167,11 +167,16 @@ def _start(command):
 
 
 def _finish(process, timeout=300):
+    """Wait for the trainer, then end what it leaves (a trainer killed by a signal leaves
+    dist_checkpointing's manager process holding the pipes); its output."""
     try:
-        return process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        raise
+        process.wait(timeout=timeout)
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return process.communicate()
 
 
 def test_sigterm_saves_the_current_iteration_and_resume_is_exact(byte_corpus, reference,
@@ -472,3 +477,57 @@ def test_async_checkpoints_hold_their_iteration(byte_corpus, reference, tmp_path
                                   "--ckpt-step", "12"))
     assert code == 0, err[-3000:]
     assert_resume_matches(reference["losses"], save, 12)
+
+
+def test_a_non_finite_validation_loss_stops_before_saving(megatron_cpu, byte_corpus, tmp_path,
+                                                          monkeypatch, capsys):
+    """In process: a validation loss that turns NaN (here by hand, at iteration 4) stops the
+    run before that iteration's save, in one line."""
+    from megatron_anchor.training import train as train_module
+    from megatron_anchor.training.pretrain import main
+
+    evaluate, calls = train_module.evaluate, []
+
+    def nan_the_second_time(*args, **kwargs):
+        result, local_finite = evaluate(*args, **kwargs)
+        calls.append(1)
+        return ({**result, "all": float("nan")}, False) if len(calls) == 2 else \
+            (result, local_finite)
+
+    monkeypatch.setattr(train_module, "evaluate", nan_the_second_time)
+    save = str(tmp_path / "run")
+    assert main(flags(byte_corpus, "--save", save, "--eval-interval", "2", "--eval-iters", "1",
+                      iters=8)) == 2
+    line = one_line_error(capsys.readouterr().err,
+                          "iteration 4: the validation loss (all) is nan on rank(s) 0",
+                          f"the newest good checkpoint is {os.path.join(save, 'iter_0000002')}")
+    assert "stopped before saving anything" in line
+    assert iterations(save) == [2] and tracker(save) == 2
+
+
+def test_the_weights_are_checked_before_every_save(megatron_cpu, byte_corpus):
+    """The last line of defence: a non-finite weight (whatever put it there) stops the save."""
+    import torch
+
+    from megatron_anchor.training import data
+    from megatron_anchor.training.arguments import config_from_args, parse_args
+    from megatron_anchor.training.model_setup import build_training_components
+    from megatron_anchor.training.stopping import TrainingDiverged
+    from megatron_anchor.training.train import NonFiniteGuard
+
+    cfg = config_from_args(parse_args(tiny_argv(byte_corpus)))
+    data.resolve_tokens(cfg, data.load_tokenizer(cfg))
+    components = build_training_components(cfg.validate())
+    guard = NonFiniteGuard(lambda: "ck/iter_0000002", "ck")
+    guard.check_weights(3, components)  # finite: nothing happens
+    weight = list(components.module.parameters())[-1].view(-1)
+    for value in (float("inf"), float("-inf"), float("nan")):
+        kept = float(weight[5])
+        with torch.no_grad():
+            weight[5] = value
+        with pytest.raises(TrainingDiverged, match=r"iteration 3: a weight is non-finite on "
+                           r"rank\(s\) 0 .*the newest good checkpoint is ck/iter_0000002 "
+                           r"\(--load ck"):
+            guard.check_weights(3, components)
+        with torch.no_grad():
+            weight[5] = kept
