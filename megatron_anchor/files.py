@@ -18,7 +18,7 @@ import shutil
 from typing import Iterator
 
 
-def _fsync_directory(directory: str) -> None:
+def fsync_directory(directory: str) -> None:
     """Make a rename inside `directory` durable (a node that dies right after keeps it)."""
     try:
         fd = os.open(directory, os.O_RDONLY)
@@ -51,7 +51,7 @@ def atomic_path(path: str, suffix: str = "") -> Iterator[str]:
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
-    _fsync_directory(directory)
+    fsync_directory(directory)
 
 
 def write_text(path: str, text: str) -> str:

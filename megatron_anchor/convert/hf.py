@@ -8,8 +8,8 @@ checkpoint; benchmarks/RESULTS.md, "HF conversion"). The result is written throu
 (dist_checkpointing, global tensors: it loads at any TP/CP) with the tokenizer files and the
 source `config.json` (kept as `hf_config.json` next to `model_config.json`).
 
-Export: `megatron_anchor.checkpoint.load_model` at TP=1, then shard by shard: tensors are
-produced in HF order, a shard is written (temporary name, then rename) as soon as it is
+Export: `Checkpoint.load_model` (megatron_anchor.checkpoint) at TP=1, then shard by shard:
+tensors are produced in HF order, a shard is written (temporary name, then rename) as soon as it is
 complete, plus the index and `config.json` with the trained RoPE base and length.
 """
 

@@ -23,6 +23,7 @@ from megatron_anchor.backends import BACKEND_NAMES
 from megatron_anchor.data.tokenizer import TOKENIZER_TYPES
 from megatron_anchor.layout import VARIANTS
 from megatron_anchor.attention.te_cp import CP_COMM_TYPES
+from megatron_anchor.training.stopping import SIGNALS
 from megatron_anchor.tooling import (
     ToolParser,
     add_architecture_flags,
@@ -127,6 +128,11 @@ def _optim_args(parser):
     g.add_argument("--clip-grad", type=float, default=1.0,
                    help="clip the global gradient norm to this (0: no clipping)")
     g.add_argument("--train-iters", type=int, default=100, help="optimizer steps in total")
+    g.add_argument("--no-check-for-nan-in-loss-and-grad", action="store_false",
+                   dest="check_for_nan_in_loss_and_grad",
+                   help="do not stop at the first non-finite loss, gradient norm or "
+                        "validation loss (by default the run stops there with one line, "
+                        "before saving, exit status 2)")
 
 
 def _checkpoint_and_logging_args(parser):
@@ -148,6 +154,36 @@ def _checkpoint_and_logging_args(parser):
     g.add_argument("--exit-interval", type=int, default=None,
                    help="stop after the iteration that is a multiple of N (saving first if "
                         "--save); the LR schedule still spans --train-iters")
+    g.add_argument("--exit-signal-handler", action="store_true",
+                   help="on --exit-signal, finish the iteration, save it (with --save) and "
+                        "exit 0; the ranks agree, so all stop after the same iteration")
+    g.add_argument("--exit-signal", choices=tuple(SIGNALS), default="SIGTERM",
+                   help="the signal --exit-signal-handler catches (SLURM: ask for it ahead "
+                        "of the time limit with #SBATCH --signal=USR1@600)")
+    g.add_argument("--exit-duration-in-mins", type=float, default=None,
+                   help="stop (saving first) after the iteration that ends this many minutes "
+                        "after the trainer started; the slowest rank's clock decides")
+    g.add_argument("--async-save", action="store_true",
+                   help="write checkpoints in the background (Megatron-Core's async "
+                        "dist_checkpointing) while training goes on; a save is complete, and "
+                        "the tracker points at it, only once every rank's writes are done")
+    g.add_argument("--no-save-optim", action="store_false", dest="save_optim",
+                   help="save without the optimizer state (evaluation checkpoints: a resume "
+                        "from one needs --no-load-optim)")
+    g.add_argument("--no-save-rng", action="store_false", dest="save_rng",
+                   help="save without the RNG states")
+    g.add_argument("--no-load-optim", action="store_false", dest="load_optim",
+                   help="--load: restore the model, LR schedule and data position but start "
+                        "a fresh optimizer from the loaded weights")
+    g.add_argument("--no-load-rng", action="store_false", dest="load_rng",
+                   help="--load: do not restore the RNG states")
+    g.add_argument("--keep-last-checkpoints", type=int, default=None, metavar="K",
+                   help="retention: keep the newest K complete checkpoints (what the eval's "
+                        "--last-checkpoints K reads) and delete older ones once a newer save "
+                        "is complete (default: keep all)")
+    g.add_argument("--save-retain-interval", type=int, default=None, metavar="N",
+                   help="retention (Megatron-LM's flag): also keep every checkpoint whose "
+                        "iteration is a multiple of N; alone, it keeps those and the newest")
     g.add_argument("--log-interval", type=int, default=10, help="log every N iterations")
     g.add_argument("--eval-interval", type=int, default=None,
                    help="validate every N iterations (default: only at the end)")
@@ -262,11 +298,18 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             lr_warmup_iters=args.lr_warmup_iters, lr_decay_iters=args.lr_decay_iters,
             weight_decay=args.weight_decay, adam_beta1=args.adam_beta1,
             adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, clip_grad=args.clip_grad,
-            train_iters=args.train_iters),
-        checkpoint=CheckpointConfig(save=args.save, load=args.load,
-                                    save_interval=args.save_interval,
-                                    pretrained_checkpoint=args.pretrained_checkpoint,
-                                    exit_interval=args.exit_interval, ckpt_step=args.ckpt_step),
+            train_iters=args.train_iters,
+            check_for_nan_in_loss_and_grad=args.check_for_nan_in_loss_and_grad),
+        checkpoint=CheckpointConfig(
+            save=args.save, load=args.load, save_interval=args.save_interval,
+            pretrained_checkpoint=args.pretrained_checkpoint,
+            exit_interval=args.exit_interval, ckpt_step=args.ckpt_step,
+            exit_signal_handler=args.exit_signal_handler, exit_signal=args.exit_signal,
+            exit_duration_in_mins=args.exit_duration_in_mins,
+            save_optim=args.save_optim, save_rng=args.save_rng, load_optim=args.load_optim,
+            load_rng=args.load_rng, async_save=args.async_save,
+            keep_last_checkpoints=args.keep_last_checkpoints,
+            save_retain_interval=args.save_retain_interval),
         logging=LoggingConfig(args.log_interval, args.eval_interval, args.eval_iters,
                               args.tensorboard_dir, not args.no_progress_bar,
                               peak_tflops=args.peak_tflops),

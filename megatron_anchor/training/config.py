@@ -78,6 +78,9 @@ class OptimConfig:
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
     train_iters: int = 100
+    # Stop at the first non-finite loss, gradient norm or validation loss, before saving
+    # (Megatron-LM's check, on by default: --no-check-for-nan-in-loss-and-grad).
+    check_for_nan_in_loss_and_grad: bool = True
 
 
 @dataclass
@@ -88,6 +91,19 @@ class CheckpointConfig:
     pretrained_checkpoint: Optional[str] = None  # model weights only, when not resuming
     exit_interval: Optional[int] = None    # stop (after saving) when iteration % N == 0
     ckpt_step: Optional[int] = None        # --load this iteration instead of the tracker's
+    # Stopping cleanly (training/stopping.py): on a signal, after a time, saving first.
+    exit_signal_handler: bool = False
+    exit_signal: str = "SIGTERM"
+    exit_duration_in_mins: Optional[float] = None
+    # What a save holds, and what a resume restores (Megatron-LM's --no-save-optim, ...).
+    save_optim: bool = True
+    save_rng: bool = True
+    load_optim: bool = True
+    load_rng: bool = True
+    async_save: bool = False
+    # Retention: the newest K complete checkpoints, plus every multiple of N (None: all).
+    keep_last_checkpoints: Optional[int] = None
+    save_retain_interval: Optional[int] = None
 
 
 @dataclass
@@ -163,6 +179,7 @@ class TrainConfig:
         if self.logging.eval_interval is not None and self.logging.eval_interval < 1:
             raise ConfigError("--eval-interval must be >= 1")
         self.validate_memory_features()
+        self.validate_checkpointing()
         return self
 
     def window_layout(self) -> layout.WindowLayout:
@@ -202,6 +219,36 @@ class TrainConfig:
                               "--overlap-grad-reduce (as in Megatron-LM)")
         if self.logging.peak_tflops is not None and self.logging.peak_tflops <= 0:
             raise ConfigError(f"--peak-tflops must be positive, got {self.logging.peak_tflops}")
+
+    def validate_checkpointing(self) -> None:
+        """Saving, stopping and retention flags."""
+        from megatron_anchor.training.stopping import SIGNALS
+
+        c = self.checkpoint
+        for flag, value in (("--save-interval", c.save_interval),
+                            ("--exit-interval", c.exit_interval),
+                            ("--keep-last-checkpoints", c.keep_last_checkpoints),
+                            ("--save-retain-interval", c.save_retain_interval)):
+            if value is not None and value < 1:
+                raise ConfigError(f"{flag} must be >= 1, got {value}")
+        if c.exit_duration_in_mins is not None and c.exit_duration_in_mins <= 0:
+            raise ConfigError(f"--exit-duration-in-mins must be positive, got "
+                              f"{c.exit_duration_in_mins}")
+        if c.exit_signal not in SIGNALS:
+            raise ConfigError(f"--exit-signal must be one of {', '.join(SIGNALS)}, got "
+                              f"{c.exit_signal!r}")
+        needs_save = [flag for flag, on in (
+            ("--keep-last-checkpoints", c.keep_last_checkpoints is not None),
+            ("--save-retain-interval", c.save_retain_interval is not None),
+            ("--async-save", c.async_save), ("--no-save-optim", not c.save_optim),
+            ("--no-save-rng", not c.save_rng)) if on]
+        if needs_save and not c.save:
+            raise ConfigError(f"{needs_save[0]} goes with --save")
+        if c.save_retain_interval and c.save_interval and \
+                c.save_retain_interval % c.save_interval:
+            # Megatron-LM's rule: a retained iteration must be one that is saved.
+            raise ConfigError(f"--save-retain-interval {c.save_retain_interval} must be a "
+                              f"multiple of --save-interval {c.save_interval}")
 
     def validate_world(self, world_size: int) -> int:
         """The data-parallel size for this world; checks the batch divides over it."""

@@ -10,99 +10,153 @@ data, model and optimizer, optionally resume, train, save, summarise.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import time
 from typing import List, Optional
 
 
 def run(argv: Optional[List[str]] = None):
     """Parse, set up, train; returns the RunSummary (the caller prints it)."""
+    # --exit-duration-in-mins counts from here, before the heavy imports and the set-up, as
+    # Megatron-LM counts from the start of its process.
+    started_at = time.time()
     from megatron_anchor.training.arguments import config_from_args, parse_args
 
     cfg = config_from_args(parse_args(argv))
-    return run_config(cfg)
+    return run_config(cfg, started_at)
 
 
-def run_config(cfg):
+def run_config(cfg, started_at: Optional[float] = None):
     from megatron.core import parallel_state
 
     from megatron_anchor import checkpoint, runtime
     from megatron_anchor.training import data
     from megatron_anchor.training.logger import RunLogger
     from megatron_anchor.training.model_setup import build_training_components
-    from megatron_anchor.training.train import train
+    from megatron_anchor.training.stopping import ExitSignal, StopRules
+    from megatron_anchor.training.train import Checkpointer, NonFiniteGuard, train
 
-    p = cfg.parallel
-    p.cpu = runtime.decide_device(True if p.cpu else None)
-    resume, pretrained = open_start_checkpoints(cfg)
-    take_architecture_from_checkpoint(cfg, resume or pretrained)
-    tokenizer = data.load_tokenizer(cfg)
-    data.resolve_tokens(cfg, tokenizer)
-    cfg.validate()
-    window = cfg.window_layout()  # the packing rules, checked before any process group exists
-    owns_world = _initialize(cfg)
-    try:
-        dp = cfg.validate_world(runtime.world_size())
-        rank0 = runtime.is_rank0()
-        train_data, valid_data = data.build_datasets(cfg, window)
-        microbatches = data.MicroBatches(
-            cfg, parallel_state.get_data_parallel_rank(), dp,
-            parallel_state.get_context_parallel_rank(), p.context_parallel_size,
-            runtime.device())
-        components = build_training_components(cfg)
+    started_at = time.time() if started_at is None else started_at
+    c, p = cfg.checkpoint, cfg.parallel
+    exit_signal = ExitSignal(c.exit_signal) if c.exit_signal_handler else None
+    with exit_signal or contextlib.nullcontext():
+        p.cpu = runtime.decide_device(True if p.cpu else None)
+        resume, pretrained, notes = open_start_checkpoints(cfg)
+        take_architecture_from_checkpoint(cfg, resume or pretrained)
+        tokenizer = data.load_tokenizer(cfg)
+        data.resolve_tokens(cfg, tokenizer)
+        cfg.validate()
+        window = cfg.window_layout()  # the packing rules, checked before any process group
+        owns_world = _initialize(cfg)
+        try:
+            dp = cfg.validate_world(runtime.world_size())
+            rank0 = runtime.is_rank0()
+            for note in notes if rank0 else ():
+                print(f"--load {c.load}: {note}", flush=True)
+            train_data, valid_data = data.build_datasets(cfg, window)
+            microbatches = data.MicroBatches(
+                cfg, parallel_state.get_data_parallel_rank(), dp,
+                parallel_state.get_context_parallel_rank(), p.context_parallel_size,
+                runtime.device())
+            components = build_training_components(cfg)
 
-        start = 0
-        if resume is not None:
-            start, _ = checkpoint.load_training(resume, components)
-        elif pretrained is not None:
-            pretrained.load_weights(components.module)
-            # --bf16 keeps FP32 main copies, made when the optimizer was built: refresh them.
-            components.optimizer.reload_model_params()
-            if rank0:
-                print(f"starting from the weights of {pretrained.path}", flush=True)
-        elif cfg.checkpoint.load and rank0:
-            print(f"--load {cfg.checkpoint.load}: no checkpoint yet, starting from scratch",
-                  flush=True)
+            start = 0
+            if resume is not None:
+                start, _ = checkpoint.load_training(resume, components,
+                                                    load_optim=c.load_optim,
+                                                    load_rng=c.load_rng)
+                if rank0:
+                    print(f"resuming from {resume.path}"
+                          f"{' with a fresh optimizer (--no-load-optim)' if not c.load_optim else ''}",
+                          flush=True)
+            elif pretrained is not None:
+                pretrained.load_weights(components.module)
+                # --bf16 keeps FP32 main copies, made when the optimizer was built: refresh them.
+                components.optimizer.reload_model_params()
+                if rank0:
+                    print(f"starting from the weights of {pretrained.path}", flush=True)
+            elif c.load and rank0:
+                print(f"--load {c.load}: no checkpoint yet, starting from scratch",
+                      flush=True)
 
-        output_dir = cfg.checkpoint.save or cfg.logging.tensorboard_dir
-        logger = RunLogger(output_dir, cfg.logging.tensorboard_dir, cfg.optim.train_iters,
-                           start, rank0, cfg.logging.progress_bar,
-                           cfg.logging.log_interval)
-        if rank0:
-            _print_header(cfg, dp, train_data, logger)
+            output_dir = c.save or cfg.logging.tensorboard_dir
+            logger = RunLogger(output_dir, cfg.logging.tensorboard_dir, cfg.optim.train_iters,
+                               start, rank0, cfg.logging.progress_bar,
+                               cfg.logging.log_interval)
+            try:
+                if rank0:
+                    _print_header(cfg, dp, train_data, logger)
+                checkpointer = None
+                if c.save:
+                    d = cfg.data
+                    tokenizer_files = d.tokenizer_model or (d.vocab_file and
+                                                            os.path.dirname(d.vocab_file))
 
-        save_fn = None
-        if cfg.checkpoint.save:
-            d = cfg.data
-            tokenizer_files = d.tokenizer_model or (d.vocab_file and os.path.dirname(d.vocab_file))
+                    def state_fn(iteration):
+                        return {"consumed_windows": iteration * d.global_batch_size,
+                                "data": train_data.state()}
 
-            def save_fn(iteration):
-                state = {"consumed_windows": iteration * cfg.data.global_batch_size,
-                         "data": train_data.state()}
-                return checkpoint.save_training(cfg.checkpoint.save, iteration, components,
-                                                cfg, state, tokenizer=tokenizer_files)
+                    checkpointer = Checkpointer(cfg, components, state_fn, logger,
+                                                tokenizer=tokenizer_files)
+                guard = None
+                if cfg.optim.check_for_nan_in_loss_and_grad:
+                    def newest_good():
+                        # A background save scheduled before the failure holds good
+                        # weights: complete it first, so the line can name it.
+                        if checkpointer is not None:
+                            checkpointer.wait()
+                            if checkpointer.last:
+                                return checkpointer.last
+                        return checkpoint.newest_complete(c.save) or \
+                            (resume.path if resume is not None else None)
 
-        summary = train(cfg, components, train_data, valid_data, microbatches, logger,
-                        start_iteration=start, save_fn=save_fn)
-        summary.plot = logger.plot(os.path.join(output_dir or ".", "loss_curve.png"))
-        logger.close()
-        return summary
-    finally:
-        if owns_world:
-            runtime.destroy()
+                    guard = NonFiniteGuard(newest_good, c.save or c.load)
+                summary = train(cfg, components, train_data, valid_data, microbatches,
+                                logger, start_iteration=start, checkpointer=checkpointer,
+                                stop_rules=StopRules(cfg, started_at, exit_signal),
+                                guard=guard)
+                _print_stop(logger, cfg, summary)
+                summary.plot = logger.plot(os.path.join(output_dir or ".", "loss_curve.png"))
+            finally:
+                logger.close()
+            return summary
+        finally:
+            if owns_world:
+                runtime.destroy()
+
+
+def _print_stop(logger, cfg, summary) -> None:
+    """Why the run stopped early, and what to resume from."""
+    c = cfg.checkpoint
+    if summary.stop_reason is None or summary.stop_reason.startswith("--train-iters"):
+        return
+    done = summary.start_iteration + summary.iterations
+    if summary.checkpoint:
+        where = f"saved {summary.checkpoint}: resume with --load {c.save}"
+    else:
+        where = "nothing saved (no --save)"
+    logger.print(f"stopped after iteration {done}: {summary.stop_reason}; {where}")
 
 
 def open_start_checkpoints(cfg):
-    """(the checkpoint to resume, the one to start from): --load when it holds one (the
-    tracker's iteration, or --ckpt-step), else --pretrained-checkpoint; opened once."""
+    """(the checkpoint to resume, the one to start from, lines to tell the user): --load
+    when it holds one (the tracker's iteration, or --ckpt-step; unfinished saves skipped),
+    else --pretrained-checkpoint; opened once."""
     from megatron_anchor import checkpoint
 
     c = cfg.checkpoint
-    if checkpoint.exists(c.load) or (c.load and c.ckpt_step is not None):
-        return checkpoint.open(c.load, step=c.ckpt_step), None
+    if c.load and c.ckpt_step is None and not os.path.isdir(c.load) and \
+            os.path.exists(c.load):
+        raise checkpoint.CheckpointError(f"--load {c.load}: not a directory")
+    resume, notes = checkpoint.open_for_resume(c.load, step=c.ckpt_step) if c.load else \
+        (None, [])
+    if resume is not None:
+        return resume, None, notes
     if c.pretrained_checkpoint:
-        return None, checkpoint.open(c.pretrained_checkpoint)
-    return None, None
+        return None, checkpoint.open(c.pretrained_checkpoint), notes
+    return None, None, notes
 
 
 def take_architecture_from_checkpoint(cfg, source) -> None:
@@ -190,6 +244,7 @@ def format_summary(summary) -> str:
            if summary.mfu is not None else ", MFU: no peak declared (--peak-tflops)")
         if hasattr(summary, "tflops_per_rank") and summary.iterations > 1 else "",
         f"  train time       {summary.seconds:.1f} s",
+        f"  stopped          {summary.stop_reason}" if summary.stop_reason else "",
         f"  checkpoint       {summary.checkpoint}",
         f"  loss curve       {summary.plot}",
         "=" * 72,

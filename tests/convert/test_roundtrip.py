@@ -166,6 +166,9 @@ def test_export_without_any_hf_config(name, tmp_path, megatron_cpu):
     src, _ = make_hf_model(name, tmp_path / "hf")
     path = import_checkpoint(src, str(tmp_path / "ckpt")).output
     os.remove(os.path.join(path, "hf_config.json"))
+    manifest = json.load(open(os.path.join(path, checkpoint.MANIFEST_FILE)))
+    del manifest["files"]["hf_config.json"]  # as if never saved, not a damaged checkpoint
+    json.dump(manifest, open(os.path.join(path, checkpoint.MANIFEST_FILE), "w"))
     out = str(tmp_path / "export")
     export_checkpoint(checkpoint.open(str(tmp_path / "ckpt")), out)
     config = json.load(open(os.path.join(out, "config.json")))

@@ -132,6 +132,63 @@ def test_cluster_scripts_parse_and_fit_the_layout(script, tmp_path):
     assert cfg.data.seq_length == context
     assert cfg.model.rotary_base == (5e6 if context == 64 * 1024 else 1e7)
     assert cfg.data.variant == "anchor" and p.sequence_parallel
+    c = cfg.checkpoint
+    assert c.exit_signal_handler and c.exit_signal == "SIGUSR1", "saves and exits on SIGUSR1"
+    assert cfg.optim.check_for_nan_in_loss_and_grad
+    assert c.keep_last_checkpoints == 5, "the evaluation averages the last 5 checkpoints"
+    cfg.validate_checkpointing()
+
+
+SBATCH = os.path.join(EXAMPLES, "slurm_anchor.sbatch")
+
+
+def _sbatch_options():
+    options = {}
+    with open(SBATCH, encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("#SBATCH --"):
+                key, _, value = line[len("#SBATCH --"):].strip().partition("=")
+                options[key] = value
+    return options
+
+
+def test_slurm_template_asks_for_the_exit_signal_ahead_of_the_time_limit():
+    options = _sbatch_options()
+    name, _, lead = options["signal"].partition("@")
+    hours, minutes, seconds = map(int, options["time"].split(":"))
+    assert not name.startswith("B:"), "every process of the job step, not the batch shell"
+    assert 300 <= int(lead) < 3600 * hours + 60 * minutes + seconds
+    with open(os.path.join(EXAMPLES, "anchor_recipe.sh"), encoding="utf-8") as f:
+        recipe = f.read()
+    assert f"EXIT_SIGNAL:-SIG{name}" in recipe, "the recipe's --exit-signal is the one asked for"
+
+
+def _fake(bindir, name, body):
+    path = bindir / name
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(0o755)
+
+
+def test_the_exit_signal_reaches_only_the_trainer(tmp_path):
+    """SLURM signals every process of a job step: the task's shell, the launch script and
+    torchrun must live on (they ignore it) for the ranks to save and exit 0. A stand-in
+    `srun` runs the task in its own session, as a job step; a stand-in `torchrun` sends
+    SIGUSR1 to that whole session, then records the trainer's argv."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    _fake(bindir, "srun", 'while [ "${1#-}" != "$1" ]; do shift; done\nexec setsid "$@"\n')
+    _fake(bindir, "scontrol", "echo localhost\n")
+    _fake(bindir, "torchrun", 'kill -USR1 0\nsleep 0.5\nprintf "%s\\n" "$@" > "$ARGV_OUT"\n')
+    out = tmp_path / "argv.txt"
+    env = {k: v for k, v in os.environ.items() if k not in ("NNODES", "NODE_RANK", "SAVE")}
+    env.update(PATH=f"{bindir}{os.pathsep}{env['PATH']}", ARGV_OUT=str(out),
+               SLURM_JOB_NODELIST="localhost", SLURM_JOB_NUM_NODES="1", SLURM_NODEID="0")
+    script = os.path.join(EXAMPLES, "pretrain_llama3_8b_64k.sh")
+    done = subprocess.run(["bash", SBATCH, script, "--train-iters", "7"], env=env,
+                          timeout=60, capture_output=True, text=True)
+    assert done.returncode == 0, (done.returncode, done.stderr)
+    argv = out.read_text().splitlines()
+    assert argv[argv.index("--exit-signal") + 1] == "SIGUSR1" and "--exit-signal-handler" in argv
 
 
 ONE_NODE_128K = [s for s in CLUSTER_SCRIPTS
