@@ -193,7 +193,7 @@ def test_memory_flags_are_kept_when_starting_from_a_checkpoint(megatron_cpu, byt
         cfg = config_from_args(parse_args(tiny_argv(
             byte_corpus, flag, save, "--recompute-granularity", "full",
             "--recompute-method", "block", "--recompute-num-layers", "1")))
-        resume, pretrained = open_start_checkpoints(cfg)
+        resume, pretrained, _ = open_start_checkpoints(cfg)
         take_architecture_from_checkpoint(cfg, resume or pretrained)
         assert cfg.model.num_layers == 2 and cfg.model.hidden_size == 64
         assert (cfg.model.recompute_granularity, cfg.model.recompute_method,
