@@ -12,10 +12,10 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-
 from megatron.core import parallel_state
 from megatron.core.transformer.module import MegatronModule
 
+from megatron_anchor.attention import BackendError
 from megatron_anchor.attention.local import local_plan, packed_causal_attention
 from megatron_anchor.rope import apply_rope, rope_cos_sin
 
@@ -49,37 +49,28 @@ def rotate_query_key(query, key, packed_seq_params, rotary_base, rope_fp32, rope
             apply_rope(key, position_ids, rotary_base, rope_fp32, cos_sin))
 
 
-class LocalAnchorAttention(MegatronModule):
-    """Pure-PyTorch exact core attention for packed windows (any device, CP over any backend)."""
+class PackedCoreAttention(MegatronModule):
+    """What every core attention of ours shares: Megatron-Core's constructor arguments, the
+    refusals, RoPE at the window positions, the CP group. A subclass supplies `attend` (and
+    its name, for the messages)."""
 
-    def __init__(
-        self,
-        config,
-        layer_number: int,
-        attn_mask_type=None,
-        attention_type: str = "self",
-        attention_dropout: Optional[float] = None,
-        softmax_scale: Optional[float] = None,
-        cp_comm_type: Optional[str] = None,
-        pg_collection=None,
-        rotary_base: float = 10000.0,
-        rope_fp32: bool = True,
-        rope_scaling=None,
-        **unused,
-    ):
+    backend_name = ""
+
+    def __init__(self, config, layer_number: int, attn_mask_type=None,
+                 attention_type: str = "self", attention_dropout: Optional[float] = None,
+                 softmax_scale: Optional[float] = None, cp_comm_type: Optional[str] = None,
+                 pg_collection=None, rotary_base: float = 10000.0, rope_fp32: bool = True,
+                 rope_scaling=None, **unused):
         super().__init__(config=config)
         dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         if dropout:
-            raise ValueError("the local AnchorAttention backend has no attention dropout; "
-                             "set --attention-dropout 0")
-        head_dim = config.kv_channels
-        self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
-        self.rotary_base = rotary_base
-        self.rope_fp32 = rope_fp32
-        self.rope_scaling = rope_scaling
+            raise BackendError(f"attention backend {self.backend_name!r} has no attention "
+                               "dropout; set --attention-dropout 0")
+        self.softmax_scale = (softmax_scale if softmax_scale is not None
+                              else 1.0 / math.sqrt(config.kv_channels))
+        self.rotary_base, self.rope_fp32, self.rope_scaling = rotary_base, rope_fp32, rope_scaling
         self.layer_number = layer_number
-        cp_group = getattr(pg_collection, "cp", None) if pg_collection is not None else None
-        self._cp_group = cp_group
+        self._cp_group = getattr(pg_collection, "cp", None) if pg_collection is not None else None
 
     def _context_parallel_group(self):
         if self.config.context_parallel_size <= 1:
@@ -92,8 +83,20 @@ class LocalAnchorAttention(MegatronModule):
             raise ValueError("AnchorAttention does not take an attention bias")
         query, key = rotate_query_key(query, key, packed_seq_params, self.rotary_base,
                                       self.rope_fp32, self.rope_scaling)
-        cp_group = self._context_parallel_group()
-        out = packed_causal_attention(
+        out = self.attend(query, key, value, packed_seq_params, self._context_parallel_group())
+        return out.reshape(out.shape[0], -1)
+
+    def attend(self, query, key, value, packed_seq_params, cp_group):
+        """[T, Hq, D] causal attention within each THD segment (q/k already rotated)."""
+        raise NotImplementedError
+
+
+class LocalAnchorAttention(PackedCoreAttention):
+    """Pure-PyTorch exact core attention for packed windows (any device, CP over any backend)."""
+
+    backend_name = "local"
+
+    def attend(self, query, key, value, packed_seq_params, cp_group):
+        return packed_causal_attention(
             query, key, value, packed_seq_params.cu_seqlens_q, self.softmax_scale,
             cp_group=cp_group, plan=local_plan(packed_seq_params, query, cp_group))
-        return out.reshape(out.shape[0], -1)

@@ -32,16 +32,13 @@ from __future__ import annotations
 
 import functools
 import inspect
-import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 
-from megatron.core import parallel_state
-from megatron.core.transformer.module import MegatronModule
 
-from megatron_anchor.attention.core import rotate_query_key
+from megatron_anchor.attention.core import PackedCoreAttention
 from megatron_anchor.attention.local import (
     batch_plan, cp_gather_positions, cp_size_and_rank, gather_cp, host_bounds, host_cu_seqlens,
     query_sequences,
@@ -159,43 +156,20 @@ def varlen_packed_attention(q, k, v, plan: VarlenPlan, softmax_scale=None, cp_gr
     return varlen_attention(q, k, v, plan, softmax_scale, kernel)
 
 
-class VarlenAnchorAttention(MegatronModule):
+class VarlenAnchorAttention(PackedCoreAttention):
     """Megatron core attention on torch's varlen_attn (FlashAttention-2), THD, CP by
     K/V all-gather. BF16/FP16 only, like the kernel."""
 
-    def __init__(self, config, layer_number: int, attn_mask_type=None,
-                 attention_type: str = "self", attention_dropout: Optional[float] = None,
-                 softmax_scale: Optional[float] = None, cp_comm_type: Optional[str] = None,
-                 pg_collection=None, rotary_base: float = 10000.0, rope_fp32: bool = True,
-                 rope_scaling=None, **unused):
-        super().__init__(config=config)
-        dropout = config.attention_dropout if attention_dropout is None else attention_dropout
-        if dropout:
-            raise BackendError("attention backend 'varlen' has no attention dropout; set "
-                               "--attention-dropout 0")
+    backend_name = "varlen"
+
+    def __init__(self, config, layer_number: int, *args, **kwargs):
+        super().__init__(config, layer_number, *args, **kwargs)
         if config.params_dtype not in KERNEL_DTYPES:
             raise BackendError(f"attention backend 'varlen' runs BF16/FP16 only "
                                f"(FlashAttention has no {config.params_dtype} kernel): add "
                                "--bf16, or use --attention-backend local")
-        self.softmax_scale = (softmax_scale if softmax_scale is not None
-                              else 1.0 / math.sqrt(config.kv_channels))
-        self.rotary_base, self.rope_fp32, self.rope_scaling = rotary_base, rope_fp32, rope_scaling
-        self.layer_number = layer_number
-        self._cp_group = getattr(pg_collection, "cp", None) if pg_collection is not None else None
 
-    def _context_parallel_group(self):
-        if self.config.context_parallel_size <= 1:
-            return None
-        return self._cp_group or parallel_state.get_context_parallel_group()
-
-    def forward(self, query, key, value, attention_mask=None, attn_mask_type=None,
-                attention_bias=None, packed_seq_params=None, **unused):
-        if attention_bias is not None:
-            raise ValueError("AnchorAttention does not take an attention bias")
-        query, key = rotate_query_key(query, key, packed_seq_params, self.rotary_base,
-                                      self.rope_fp32, self.rope_scaling)
-        cp_group = self._context_parallel_group()
-        out = varlen_packed_attention(query, key, value,
-                                      varlen_plan(packed_seq_params, query, cp_group),
-                                      self.softmax_scale, cp_group)
-        return out.reshape(out.shape[0], -1)
+    def attend(self, query, key, value, packed_seq_params, cp_group):
+        return varlen_packed_attention(query, key, value,
+                                       varlen_plan(packed_seq_params, query, cp_group),
+                                       self.softmax_scale, cp_group)
