@@ -45,8 +45,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import glob
+import inspect
 import io
 import json
+import logging
 import os
 import random
 import re
@@ -54,6 +56,7 @@ import shutil
 import sys
 import threading
 import time
+import weakref
 from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -71,7 +74,9 @@ TOKENIZER_DIR = "tokenizer"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "vocab.json", "merges.txt")
 # dist_checkpointing's own files (torch_dist): what a pre-manifest iteration must hold.
-DIST_METADATA_FILES = ("metadata.json", ".metadata", "common.pt")
+# (common.pt is not among them: megatron-core 0.19 writes none when the common state is
+# empty, as in a model-only save.)
+DIST_METADATA_FILES = ("metadata.json", ".metadata")
 INCOMPLETE_SUFFIX = ".incomplete"   # a save in progress, or one that died
 DELETING_SUFFIX = ".deleting"       # retention renames before it removes
 MANIFEST_FORMAT = 1
@@ -562,18 +567,62 @@ def _innermost(err: BaseException) -> Tuple[BaseException, Optional[int]]:
     return err, rank if isinstance(rank, int) else None
 
 
-def _describe(err: BaseException) -> Tuple[int, str, Optional[int]]:
+def _describe(err: BaseException, logged: List[str] = ()) -> Tuple[int, str, Optional[int]]:
     """(how telling, one line, the rank it happened on if another one): an OS error (path
     and errno) or our own error says the most; torch's CheckpointException without the
-    failures (the ranks that only heard that another one failed) the least."""
+    failures (the ranks that only heard that another one failed) the least. `logged`: the
+    errors dist_checkpointing logged meanwhile, where megatron-core 0.19's writer leaves the
+    OS error it met (its exception keeps only the class: "error: <class 'OSError'>")."""
     inner, rank = _innermost(err)
     if isinstance(inner, (OSError, UserError)):
         return 2, str(inner), rank
     text = " ".join(str(inner).split()) or type(inner).__name__
-    if "[Errno " in text:  # an OS error whose exception object stayed on another rank
-        return 2, text[text.index("[Errno "):][:400], rank
+    for told in (text, *logged):
+        if "[Errno " in told:  # an OS error whose exception object did not reach us
+            return 2, told[told.index("[Errno "):][:400], rank
     hearsay = isinstance(getattr(inner, "failures", None), dict) and not inner.failures
     return (0 if hearsay else 1), f"{type(inner).__name__}: {text[:300]}", rank
+
+
+class _LoggedErrors(logging.Handler):
+    """The error lines dist_checkpointing logs during a save, in this process and in the
+    writer processes it forks for an async save (megatron-core 0.19's writer leaves the OS
+    error it met only in its log: its exception keeps the class alone). Forked writers
+    inherit the handler while it is attached; the lines travel back through a pipe."""
+
+    SOURCE = "megatron.core.dist_checkpointing"
+
+    def __init__(self):
+        super().__init__(logging.ERROR)
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._read, False)
+        os.set_blocking(self._write, False)  # a full pipe drops lines, never blocks a save
+        weakref.finalize(self, _close_fds, self._read, self._write)
+
+    def emit(self, record):
+        line = " ".join(record.getMessage().split())[:2000] + "\n"
+        with contextlib.suppress(OSError):
+            os.write(self._write, line.encode("utf-8", "replace"))
+
+    def __enter__(self):
+        logging.getLogger(self.SOURCE).addHandler(self)
+        return self
+
+    def __exit__(self, *exc):
+        logging.getLogger(self.SOURCE).removeHandler(self)
+
+    def lines(self) -> List[str]:
+        chunks = []
+        with contextlib.suppress(BlockingIOError, OSError):
+            while chunk := os.read(self._read, 65536):
+                chunks.append(chunk)
+        return b"".join(chunks).decode("utf-8", "replace").splitlines()
+
+
+def _close_fds(*fds: int) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 _SIDE_GROUP: list = [None, None]  # (the world it belongs to, a gloo group over it)
@@ -716,6 +765,7 @@ class _IterationWriter:
         self.contents = contents
         _SAVES[0] += 1
         self.watch = _PeerFailureWatch(_SAVES[0])
+        self.logged = _LoggedErrors()
         if runtime.world_size() > 1 and torch.distributed.is_initialized():
             _side_group()  # before any rank can fail
 
@@ -732,12 +782,13 @@ class _IterationWriter:
         error = None
         if ranks == "all" or runtime.is_rank0():
             try:
-                body()
+                with self.logged:
+                    body()
             except _NOT_OURS:
                 raise
             except BaseException as err:  # noqa: BLE001 (disk full, permission; torch's
                 # CheckpointException derives from BaseException)
-                telling, text, where = _describe(err)
+                telling, text, where = _describe(err, self.logged.lines())
                 where = runtime.rank() if where is None else where
                 error = (telling, text, where)
                 self.watch.post(self._fail_text(where, text))
@@ -918,7 +969,8 @@ def save_training(root: str, iteration: int, components, train_config, train_sta
             dist_checkpointing.save(state, writer.staging)
         else:
             request.append(dist_checkpointing.save(state, writer.staging,
-                                                   async_sharded_save=True))
+                                                   async_sharded_save=True,
+                                                   **async_saves.save_kwargs))
         if options.save_rng:
             os.makedirs(os.path.join(writer.staging, "rng"), exist_ok=True)
             torch.save({"world_size": runtime.world_size(), "state": rng_state()},
@@ -953,9 +1005,20 @@ class AsyncSaves:
     """
 
     def __init__(self):
+        from megatron.core import dist_checkpointing
         from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
         self._queue = AsyncCallsQueue(persistent=False)
+        # megatron-core 0.19 defaults async saves to nvidia-resiliency-ext's writer (an
+        # optional package, absent from a plain install); the requests scheduled here are
+        # Megatron-Core's own, for its own queue. Its warning that this writer is deprecated
+        # names a setting our users do not have.
+        self.save_kwargs = {}
+        if "async_strategy" in inspect.signature(dist_checkpointing.save).parameters:
+            self.save_kwargs = {"async_strategy": "mcore"}
+            logging.getLogger("megatron.core.dist_checkpointing.strategies.torch").addFilter(
+                lambda record: not record.getMessage().startswith(
+                    "MCore's async save is deprecated"))
         self._pending = None  # (writer, small_files)
         self.scheduled_at = None
 

@@ -249,6 +249,30 @@ def test_error_descriptions_dig_out_the_os_error():
     crossed = RuntimeError(f"Worker failure: {inner}")
     assert checkpoint._describe(CheckpointException({1: (crossed, "tb")})) == (2, str(inner), 1)
 
+    # megatron-core 0.19: the exception keeps the class only; the OS error is in its log
+    bare = RuntimeError("Worker failure: An error is caught while starting worker 0, "
+                        "error: <class 'OSError'>")
+    logged = [f"Local worker 0 encountered an error: {inner}"]
+    assert checkpoint._describe(bare, logged) == (2, str(inner), None)
+
+
+def test_logged_errors_come_back_from_a_forked_writer():
+    import logging
+    import multiprocessing
+
+    logged = checkpoint._LoggedErrors()
+    source = logging.getLogger("megatron.core.dist_checkpointing.strategies.filesystem_async")
+    with logged:  # attached while the writer forks, as in an async save
+        source.warning("not an error")
+        writer = multiprocessing.get_context("fork").Process(
+            target=source.error, args=("Local worker 0 encountered an error:\n[Errno 28] x",))
+        writer.start()
+    writer.join(10)
+    source.error("after the save: not this save's")
+    assert writer.exitcode == 0
+    assert logged.lines() == ["Local worker 0 encountered an error: [Errno 28] x"]
+    assert logged.lines() == []
+
 
 # ----------------------------------------------------------------------------------------
 # Retention

@@ -8,8 +8,9 @@ the trainer's own `main` on the flags after `--`. FAULT is one of:
 
 * `enospc-shards`: dist_checkpointing's writer processes meet ENOSPC (a full disk) on rank
   RANK when they open the shard files of iteration ITERATION;
-* `enospc-common`: rank RANK's write of dist_checkpointing's common.pt raises ENOSPC: rank 0
-  writes it alone, while the other ranks go on into the next collective;
+* `enospc-common`: rank RANK's write of the file dist_checkpointing writes on rank 0 alone,
+  while the other ranks go on into the next collective, raises ENOSPC: common.pt up to
+  megatron-core 0.16, metadata.json from 0.19 (which keeps the common state in the shards);
 * `kill-after-shards`: SIGKILL to the whole process group (a node lost) right after
   dist_checkpointing wrote the shards of ITERATION;
 * `kill-in-small-files`: SIGKILL to the process group when train_state.json of ITERATION
@@ -32,6 +33,7 @@ def _enospc(path):
 
 def inject(fault: str, iteration: int, rank: int) -> None:
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing import serialization
     from megatron.core.dist_checkpointing.strategies import common, filesystem_async
 
     from megatron_anchor import checkpoint, files
@@ -48,7 +50,7 @@ def inject(fault: str, iteration: int, rank: int) -> None:
             return open(path, *args, **kwargs)
 
         filesystem_async.open = full_open
-    elif fault == "enospc-common":
+    elif fault == "enospc-common" and hasattr(common, "TorchCommonSaveStrategy"):
         save_common = common.TorchCommonSaveStrategy.save_common
 
         def full_common(self, state, checkpoint_dir):
@@ -57,6 +59,15 @@ def inject(fault: str, iteration: int, rank: int) -> None:
             return save_common(self, state, checkpoint_dir)
 
         common.TorchCommonSaveStrategy.save_common = full_common
+    elif fault == "enospc-common":
+        save_config = serialization.save_config
+
+        def full_config(config, checkpoint_dir):
+            if _hits(checkpoint_dir, iteration, rank):
+                raise _enospc(os.path.join(str(checkpoint_dir), "metadata.json"))
+            return save_config(config, checkpoint_dir)
+
+        serialization.save_config = full_config
     elif fault == "kill-after-shards":
         save = dist_checkpointing.save
 
