@@ -365,7 +365,7 @@ ENOSPC_WRAPPER = textwrap.dedent('''\
             common.TorchCommonSaveStrategy.save_common = full_common
         try:  # a rank that lost its peer inside dist_checkpointing: wait 3 s, not 30
             from megatron_anchor import checkpoint
-            checkpoint.PEER_FAILURE_GRACE_S = 3.0
+            checkpoint.failures.PEER_FAILURE_GRACE_S = 3.0
         except (ImportError, AttributeError):
             pass
         from megatron_anchor.training.pretrain import main

@@ -113,7 +113,7 @@ def save_time(args) -> dict:
                 started = time.perf_counter()
                 path = checkpoint.save_training(root, 1, components, cfg, {}, options=options)
                 out[f"sync_s_{n}"] = time.perf_counter() - started
-                out["bytes"] = sum(checkpoint._read_manifest(path)["files"].values())
+                out["bytes"] = sum(checkpoint.folder.read_manifest(path)["files"].values())
 
         def async_saves():
             for n in (1, 2):

@@ -23,10 +23,13 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from megatron_anchor import checkpoint, runtime
+from megatron_anchor.data import windows
 from megatron_anchor.layout import PackedBatch
 from megatron_anchor.model import forward_packed
 from megatron_anchor.training.config import TrainConfig
 from megatron_anchor.training import flops as flops_lib
+from megatron_anchor.training import stopping
 from megatron_anchor.training.model_setup import (
     TrainingComponents,
     current_lr,
@@ -204,8 +207,6 @@ class Checkpointer:
 
     def __init__(self, cfg: TrainConfig, components: TrainingComponents,
                  state_fn: Callable[[int], dict], logger, tokenizer: Optional[str] = None):
-        from megatron_anchor import checkpoint
-
         c = cfg.checkpoint
         self.cfg, self.components, self.state_fn, self.logger = cfg, components, state_fn, logger
         self.root = c.save
@@ -216,8 +217,6 @@ class Checkpointer:
         self._started = 0.0
 
     def save(self, iteration: int, guard: Optional["NonFiniteGuard"] = None) -> None:
-        from megatron_anchor import checkpoint
-
         with param_sync_paused(self.components):
             if guard is not None:
                 guard.check_weights(iteration, self.components)
@@ -249,8 +248,6 @@ class Checkpointer:
             self.async_saves.close()
 
     def _completed(self, path: str) -> None:
-        from megatron_anchor import checkpoint, runtime
-
         self.last = path
         self.logger.print(f"saved checkpoint {path} "
                           f"({time.perf_counter() - self._started:.2f} s)")
@@ -274,37 +271,29 @@ class NonFiniteGuard:
         self.newest_fn, self.load_hint = newest_fn, load_hint
 
     def _stop(self, iteration, what, local_flag, where):
-        from megatron_anchor.training import stopping
-
         ranks = stopping.ranks_where(local_flag)
         return stopping.diverged(iteration, what, ranks, where, self.newest_fn(),
                                  self.load_hint)
 
     def check_step(self, iteration: int, metrics: Dict[str, float], local_loss_finite: bool,
                    components: TrainingComponents) -> None:
-        from megatron_anchor.training.stopping import is_finite
-
         # Both values are reduced over all ranks, so every rank decides the same way.
-        if not is_finite(metrics["loss"]):
+        if not stopping.is_finite(metrics["loss"]):
             raise self._stop(iteration, f"the loss is {metrics['loss']}",
                              not local_loss_finite, "their micro-batches")
-        if not is_finite(metrics["grad_norm"]):
+        if not stopping.is_finite(metrics["grad_norm"]):
             raise self._stop(iteration, f"the gradient norm is {metrics['grad_norm']}",
                              _local_grads_nonfinite(components),
                              "their gradients hold non-finite values")
 
     def check_valid(self, iteration: int, valid: Dict[str, float], local_finite: bool) -> None:
-        from megatron_anchor.training.stopping import is_finite
-
-        bad = [k for k, v in valid.items() if not is_finite(v)]
+        bad = [k for k, v in valid.items() if not stopping.is_finite(v)]
         if bad:
             raise self._stop(iteration, f"the validation loss ({bad[0]}) is {valid[bad[0]]}",
                              not local_finite, "their validation micro-batches")
 
     def check_weights(self, iteration: int, components: TrainingComponents) -> None:
         """One pass over this rank's weights before a save (collective)."""
-        from megatron_anchor.training import stopping
-
         bad = any(not _finite(p) for p in components.module.parameters())
         if stopping.ranks_where(bad):
             raise self._stop(iteration, "a weight is non-finite", bad,
@@ -336,10 +325,8 @@ def train(cfg: TrainConfig, components: TrainingComponents, train_data, valid_da
     """Run iterations start_iteration .. train_iters-1; validate and save on schedule; stop
     early on `stop_rules` (signal, time limit, exit interval) after saving, and raise
     `stopping.TrainingDiverged` at the first non-finite value (`guard`), before saving."""
-    from megatron_anchor.training.stopping import StopRules
-
     log, summary = cfg.logging, RunSummary(start_iteration=start_iteration)
-    stop_rules = stop_rules or StopRules(cfg, time.time(), None)
+    stop_rules = stop_rules or stopping.StopRules(cfg, time.time(), None)
     slots_per_step = cfg.data.global_batch_size * cfg.data.seq_length
     domain_names = list(getattr(valid_data, "domain_names", []) or [])
     summary.world_size = dist.get_world_size() if dist.is_initialized() else 1
@@ -428,6 +415,4 @@ def peak_tflops(cfg: TrainConfig) -> Optional[float]:
 
 def valid_unigram_ce(cfg: TrainConfig, train_data, valid_data) -> float:
     """The validation windows' unigram cross-entropy (see `windows.unigram_cross_entropy`)."""
-    from megatron_anchor.data.windows import validation_unigram_cross_entropy
-
-    return validation_unigram_cross_entropy(train_data, valid_data, cfg.model.vocab_size)
+    return windows.validation_unigram_cross_entropy(train_data, valid_data, cfg.model.vocab_size)

@@ -36,10 +36,11 @@ def inject(fault: str, iteration: int, rank: int) -> None:
     from megatron.core.dist_checkpointing import serialization
     from megatron.core.dist_checkpointing.strategies import common, filesystem_async
 
-    from megatron_anchor import checkpoint, files
+    from megatron_anchor import files
+    from megatron_anchor.checkpoint import failures
 
     # The test waits for a rank that lost its peer inside dist_checkpointing: not 30 s.
-    checkpoint.PEER_FAILURE_GRACE_S = 3.0
+    failures.PEER_FAILURE_GRACE_S = 3.0
     if fault == "enospc-shards":
         # The writer processes open their shard files with the builtin `open`: shadowed in
         # their module, the failure happens where a full disk fails them, inside the writer's
