@@ -74,6 +74,11 @@ def causal_attention_flops(segment_lengths, heads, head_dim) -> float:
     return 3.5 * 4 * heads * head_dim * pairs
 
 
+def settle(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
 def make_step(backend, case, cu_seqlens, q, k, v, device):
     """A function running one forward+backward of `case` (its plan built here, once)."""
     from megatron_anchor.attention.local import packed_causal_attention
@@ -101,8 +106,10 @@ def make_step(backend, case, cu_seqlens, q, k, v, device):
                 for s, e in zip(bounds[:-1], bounds[1:])])
         plan_s = 0.0
     elif backend == "local":
+        settle(device)  # the plan's host time, not the kernels still queued before it
         started = time.perf_counter()
         plan = plan_attention(cu, device=device, dtype=q.dtype) if plan_attention else None
+        settle(device)
         plan_s = time.perf_counter() - started
         cu_dev = cu.to(device)
 
@@ -113,8 +120,10 @@ def make_step(backend, case, cu_seqlens, q, k, v, device):
     elif backend == "varlen":
         from megatron_anchor.attention.varlen import plan_varlen, varlen_packed_attention
 
+        settle(device)  # the plan's host time, not the kernels still queued before it
         started = time.perf_counter()
         plan = plan_varlen(cu, device=device)
+        settle(device)
         plan_s = time.perf_counter() - started
 
         def forward():

@@ -122,7 +122,8 @@ def sdpa_facts(torch):
             facts["priority_order"] = [SDPBackend(int(i)).name for i in order()]
         except Exception as error:  # an API that changed between versions
             facts["priority_order"] = f"unavailable: {error}"
-    names = {b.value: b.name for b in SDPBackend}
+    # SDPBackend is a pybind11 enum on torch 2.11 (not iterable): read its members.
+    names = {int(member): name for name, member in SDPBackend.__members__.items()}
     q = torch.randn(1, 32, 4096, 128, device="cuda", dtype=torch.bfloat16)
     kv = torch.randn(1, 8, 4096, 128, device="cuda", dtype=torch.bfloat16)
     mask = torch.zeros(1, 1, 4096, 4096, device="cuda", dtype=torch.bfloat16)
@@ -448,6 +449,7 @@ def stage_train(ctx, report):
                     if cuda else None
             except Exception as error:
                 entry["error"] = f"{type(error).__name__}: {error}"[:400]
+                entry["traceback"] = traceback.format_exc()[-2000:]  # where, for the next fix
                 if cuda:
                     torch.cuda.empty_cache()
             out["runs"].append(entry)
@@ -537,15 +539,10 @@ def stage_pretrain(ctx, report):
 def pretrain_child(argv):
     """Megatron-LM's pretrain() with our spec, model provider, dataset provider (this rank's
     micro-batch iterators, for --dataloader-type external) and forward step."""
-    from megatron.core.enums import ModelType
-    from megatron.training import pretrain
-
     from megatron_anchor.training import megatron_lm
 
-    megatron_lm.train_valid_test_datasets_provider.is_distributed = True
-    sys.argv = [sys.argv[0], *argv]
-    pretrain(megatron_lm.train_valid_test_datasets_provider, megatron_lm.model_provider, ModelType.encoder_or_decoder,
-             megatron_lm.forward_step, extra_args_provider=megatron_lm.add_anchor_args)
+    megatron_lm.pretrain_main(argv)
+    return 0
 
 
 def byte_corpus(workdir):

@@ -232,3 +232,14 @@ def is_rank0() -> bool:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def all_reduce_host(values: torch.Tensor, op=dist.ReduceOp.SUM, group=None) -> torch.Tensor:
+    """All-reduce a small host tensor (losses, token counts, votes) and return it on the host.
+    NCCL reduces only CUDA tensors ("No backend type associated with device type cpu", found
+    on the first H200 run), so on a GPU the values travel through the device."""
+    if not dist.is_initialized():
+        return values
+    on_device = values.to(device())
+    dist.all_reduce(on_device, op=op, group=group)
+    return on_device.cpu() if on_device is not values else values

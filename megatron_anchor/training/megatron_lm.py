@@ -16,16 +16,15 @@ Megatron-LM's trainer with three pieces from here:
 A `pretrain_gpt.py`-style launcher (save as e.g. ``pretrain_anchor_mlm.py`` in a Megatron-LM
 checkout)::
 
-    from megatron.training import pretrain
-    from megatron.core.enums import ModelType
     from megatron_anchor.training import megatron_lm
 
     if __name__ == "__main__":
-        megatron_lm.train_valid_test_datasets_provider.is_distributed = True
-        pretrain(megatron_lm.train_valid_test_datasets_provider,
-                 megatron_lm.model_provider, ModelType.encoder_or_decoder,
-                 megatron_lm.forward_step,
-                 extra_args_provider=megatron_lm.add_anchor_args)
+        megatron_lm.pretrain_main()
+
+(`pretrain_main` calls Megatron-LM's `pretrain()` with the providers below, in the form the
+installed trainer takes: up to megatron-core 0.18 `pretrain(provider, model_provider, ...,
+extra_args_provider=)`; from 0.19 the arguments are parsed first into a
+`PretrainConfigContainer`, the new first argument.)
 
     torchrun --nproc-per-node 8 pretrain_anchor_mlm.py \
         --spec megatron_anchor.megatron_lm_spec anchor_layer_spec --position-embedding-type none \
@@ -104,6 +103,35 @@ def add_anchor_args(parser):
                        action=_Deprecated, store_true=True,
                        help="diagnostic: RoPE tables and rotation in BF16 instead of FP32")
     return parser
+
+
+def pretrain_main(argv=None):
+    """Megatron-LM's `pretrain()` with this module's dataset provider, model provider,
+    forward step and flags; `argv` replaces the command line (default: `sys.argv`)."""
+    _require_megatron_lm()
+    import inspect
+    import sys
+
+    from megatron.core.enums import ModelType
+    from megatron.training import pretrain
+
+    if argv is not None:
+        sys.argv = [sys.argv[0], *argv]
+    train_valid_test_datasets_provider.is_distributed = True
+    if next(iter(inspect.signature(pretrain).parameters), None) == "cfg_container":
+        # megatron-core >= 0.19: arguments parsed (and global) before pretrain() is called.
+        from megatron.training.argument_utils import pretrain_cfg_container_from_args
+        from megatron.training.arguments import parse_and_validate_args
+
+        args = parse_and_validate_args(extra_args_provider=add_anchor_args)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"(?s).*recommended to use a ModelConfig")
+            cfg_container = pretrain_cfg_container_from_args(args)
+        return pretrain(cfg_container, train_valid_test_datasets_provider,
+                        ModelType.encoder_or_decoder, forward_step, model_provider=model_provider)
+    return pretrain(train_valid_test_datasets_provider, model_provider,
+                    ModelType.encoder_or_decoder, forward_step,
+                    extra_args_provider=add_anchor_args)
 
 
 def backend_for_transformer_impl(transformer_impl: str) -> backends.AttentionBackend:

@@ -29,6 +29,7 @@ from typing import List, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_anchor import runtime
 from megatron_anchor.errors import UserError
 
 # Megatron-LM's SIGNAL_MAP: the signals a scheduler or a user sends to ask for a clean stop.
@@ -87,7 +88,7 @@ class StopRules:
         elapsed = time.time() - self.started_at
         if self._collective:
             votes = torch.tensor([float(received), elapsed], dtype=torch.float64)
-            dist.all_reduce(votes, op=dist.ReduceOp.MAX)
+            votes = runtime.all_reduce_host(votes, op=dist.ReduceOp.MAX)
             received, elapsed = bool(votes[0] > 0), float(votes[1])
         if received:
             return Stop(f"received {self.exit_signal.name} (--exit-signal-handler)", True)
@@ -107,7 +108,7 @@ def ranks_where(local_flag: bool) -> List[int]:
         return [0] if local_flag else []
     flags = torch.zeros(dist.get_world_size(), dtype=torch.int32)
     flags[dist.get_rank()] = int(local_flag)
-    dist.all_reduce(flags)
+    flags = runtime.all_reduce_host(flags)
     return [r for r, f in enumerate(flags.tolist()) if f]
 
 

@@ -75,7 +75,7 @@ def reduce_loss_and_flops(reports: List[dict], local_flops: float = 0.0):
     local_finite = bool(torch.isfinite(total[0]))
     total = torch.cat([total, torch.tensor([local_flops], dtype=torch.float64)])
     if dist.is_initialized():
-        dist.all_reduce(total, group=dp_cp_group())
+        total = runtime.all_reduce_host(total, group=dp_cp_group())
     return float(total[0] / total[1].clamp(min=1)), float(total[2]), local_finite
 
 
@@ -156,7 +156,7 @@ def evaluate(model, dataset, microbatches, eval_iters: int,
     local_finite = bool(torch.isfinite(sums[:num_domains]).all())
     totals = torch.cat([sums, counts])
     if dist.is_initialized():
-        dist.all_reduce(totals, group=dp_cp_group())
+        totals = runtime.all_reduce_host(totals, group=dp_cp_group())
     sums, counts = totals[:num_domains + 1], totals[num_domains + 1:]
     result = {"all": float(sums[:num_domains].sum() / counts[:num_domains].sum().clamp(min=1))}
     for d, name in enumerate(domain_names):

@@ -109,6 +109,52 @@ def test_megatron_lm_spec_dataset_and_forward_step(megatron_cpu, byte_corpus, mo
     torch.testing.assert_close(loss_sum.detach(), (expected * batch.loss_mask).sum().detach())
 
 
+def test_pretrain_main_calls_the_installed_trainers_pretrain(megatron_cpu, byte_corpus,
+                                                             monkeypatch):
+    """`pretrain_main` hands our providers to the installed Megatron-LM `pretrain()` in the
+    form it takes: megatron-core 0.19 wants the parsed arguments as a PretrainConfigContainer
+    first (calling it the old way was a TypeError, found on the first H200 run). Megatron-LM's
+    own parsing runs; only pretrain() itself (it needs CUDA) is replaced by a recorder with
+    its signature."""
+    if not megatron_lm.megatron_lm_available():
+        pytest.skip("megatron.training is not importable (megatron-core < 0.19 or Python < 3.12)")
+    import functools
+    import inspect
+
+    import megatron.training
+
+    real = megatron.training.pretrain
+    calls = []
+
+    @functools.wraps(real)
+    def recorder(*args, **kwargs):
+        calls.append(inspect.signature(real).bind(*args, **kwargs).arguments)
+
+    monkeypatch.setattr(megatron.training, "pretrain", recorder)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    from megatron.training.global_vars import unset_global_variables
+
+    unset_global_variables()  # a test before may have set Megatron-LM's global args
+    try:
+        megatron_lm.pretrain_main([*MEGATRON_LM_ARGV, "--data-path", byte_corpus,
+                                   "--dataloader-type", "external"])
+        args = megatron.training.get_args()
+    finally:
+        unset_global_variables()
+    (bound,) = calls
+    assert bound["train_valid_test_dataset_provider"] is \
+        megatron_lm.train_valid_test_datasets_provider
+    assert bound["forward_step_func"] is megatron_lm.forward_step
+    assert bound["model_provider"] is megatron_lm.model_provider
+    if "cfg_container" in bound:
+        cfg = bound["cfg_container"]
+        assert cfg.train.train_iters == 2 and cfg.train.micro_batch_size == 1
+        assert args.attention_variant == "anchor" and args.anchor_token_id == 1
+    else:
+        assert bound["extra_args_provider"] is megatron_lm.add_anchor_args
+
+
 def test_micro_batch_iterator_follows_megatrons_sampler_order():
     """Each DP rank gets its m samples of every m·dp (MegatronPretrainingSampler's order),
     resumes at the consumed samples, and a train iterator ends with its dataset."""
