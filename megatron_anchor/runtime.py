@@ -242,4 +242,4 @@ def all_reduce_host(values: torch.Tensor, op=dist.ReduceOp.SUM, group=None) -> t
         return values
     on_device = values.to(device())
     dist.all_reduce(on_device, op=op, group=group)
-    return on_device.cpu() if on_device is not values else values
+    return on_device.cpu()

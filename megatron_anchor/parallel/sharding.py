@@ -18,6 +18,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
+from megatron_anchor import runtime
+
 
 def _tp_attributes(param):
     if not getattr(param, "tensor_model_parallel", False):
@@ -111,6 +113,6 @@ def gradient_norm(model) -> float:
     for param in model.parameters():
         if param.grad is not None and param_is_not_tensor_parallel_duplicate(param):
             squares += param.grad.detach().double().pow(2).sum().cpu()
-    squares = squares.to(next(model.parameters()).device)
-    dist.all_reduce(squares, group=parallel_state.get_tensor_model_parallel_group())
+    squares = runtime.all_reduce_host(
+        squares, group=parallel_state.get_tensor_model_parallel_group())
     return float(squares.sqrt())

@@ -43,6 +43,8 @@ batch logic testable) with megatron-core alone.
 from __future__ import annotations
 
 import argparse
+import inspect
+import sys
 import warnings
 from functools import partial
 
@@ -109,9 +111,6 @@ def pretrain_main(argv=None):
     """Megatron-LM's `pretrain()` with this module's dataset provider, model provider,
     forward step and flags; `argv` replaces the command line (default: `sys.argv`)."""
     _require_megatron_lm()
-    import inspect
-    import sys
-
     from megatron.core.enums import ModelType
     from megatron.training import pretrain
 
